@@ -1,0 +1,170 @@
+"""The MiM checkpoint format: the contract between pre-training and fine-tuning (product.md).
+
+One ``.safetensors`` file holds the weights (no pickle: loading a shared checkpoint cannot run code) and, in the
+safetensors header, the JSON metadata of :class:`CheckpointMetadata` under the key ``"mim_nnunet"``. The sha256
+of the weights (tensor names, dtypes, shapes and bytes, in sorted name order) is part of the metadata and is
+verified on load. Writes are atomic (temporary file + ``os.replace``). The resume state (optimizer, scheduler,
+RNG, data position) is a separate file, so losing it never loses weights.
+
+This module depends on nothing of the project but itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+FORMAT_VERSION = 1
+METADATA_KEY = "mim_nnunet"
+AXIS_CONVENTION = "numpy array of SimpleITK.GetArrayFromImage: axes (z, y, x); spacing listed in the same order"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the problem."""
+
+
+@dataclass
+class CheckpointMetadata:
+    preset: str
+    config: dict  # every MiMConfig field: rebuilds the architecture exactly
+    spacing: list[float]  # pre-training spacing in mm, (z, y, x)
+    intensity_window: list[float]  # HU [lo, hi] mapped to [0, 1]
+    token_size: int = 16
+    input_size: int = 96
+    crop_size: int = 192
+    axis_convention: str = AXIS_CONVENTION
+    encoder_prefix: str = "encoder."
+    corpus: dict = field(default_factory=dict)  # corpus fingerprint summary
+    step: int = 0
+    epoch: int = 0
+    code_version: str = ""
+    format_version: int = FORMAT_VERSION
+    weights_sha256: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, source: str | os.PathLike = "<memory>") -> CheckpointMetadata:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{source}: metadata is not valid JSON ({e})") from e
+        names = {f.name for f in fields(cls)}
+        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+        missing = sorted(required - set(d))
+        if missing:
+            raise CheckpointError(f"{source}: metadata lacks the fields {missing}")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], metadata: CheckpointMetadata) -> str:
+    """Write weights + metadata atomically; returns the weights' sha256 (also stored in the metadata)."""
+    state = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    metadata.weights_sha256 = weights_sha256(state)
+    metadata.format_version = FORMAT_VERSION
+    _atomic_write(Path(path), lambda tmp: save_file(state, tmp, metadata={METADATA_KEY: metadata.to_json()}))
+    return metadata.weights_sha256
+
+
+def read_metadata(path: str | os.PathLike) -> CheckpointMetadata:
+    """The metadata alone (cheap: reads the header only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    if METADATA_KEY not in meta:
+        raise CheckpointError(f"{path}: a safetensors file, but not a MiM checkpoint (no '{METADATA_KEY}' metadata)")
+    md = CheckpointMetadata.from_json(meta[METADATA_KEY], path)
+    if md.format_version != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {md.format_version}, this code reads {FORMAT_VERSION}")
+    return md
+
+
+def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> tuple[dict[str, torch.Tensor], CheckpointMetadata]:
+    """Weights and metadata; with ``verify`` the sha256 must match the metadata's."""
+    path = Path(path)
+    md = read_metadata(path)
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: weights cannot be read, the file is truncated or corrupted ({e})") from e
+    if verify:
+        digest = weights_sha256(state)
+        if digest != md.weights_sha256:
+            raise CheckpointError(
+                f"{path}: weights sha256 {digest[:12]}... does not match the recorded {md.weights_sha256[:12]}... "
+                "(the file was modified or corrupted)"
+            )
+    return state, md
+
+
+def check_state_dict(
+    source: str | os.PathLike, loaded: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], ignore: tuple[str, ...] = ()
+) -> None:
+    """Raise :class:`CheckpointError` naming every missing, unexpected or wrongly shaped key."""
+    keys_l = {k for k in loaded if not k.startswith(ignore)} if ignore else set(loaded)
+    keys_e = {k for k in expected if not k.startswith(ignore)} if ignore else set(expected)
+    problems = []
+    if missing := sorted(keys_e - keys_l):
+        problems.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''} ({len(missing)} in all)")
+    if unexpected := sorted(keys_l - keys_e):
+        problems.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)} in all)")
+    shapes = [
+        f"{k}: checkpoint {tuple(loaded[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(keys_l & keys_e) if loaded[k].shape != expected[k].shape
+    ]
+    if shapes:
+        problems.append("shape mismatches: " + "; ".join(shapes[:8]))
+    if problems:
+        raise CheckpointError(f"{source}: checkpoint does not fit the model: " + " | ".join(problems))
+
+
+def save_resume_state(path: str | os.PathLike, state: dict) -> None:
+    """Optimizer/scheduler/scaler/RNG/data position, written atomically (a local file: torch's format)."""
+    _atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
+
+
+def load_resume_state(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path}: no resume state here") from e
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: resume state is truncated or corrupted ({e})") from e
