@@ -1,0 +1,83 @@
+"""``mim_nnunet_phantoms``: write the embedded synthetic CT data (an unlabeled corpus or an nnU-Net dataset)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from ..data.phantoms import LABELS, write_nnunet_dataset, write_unlabeled_corpus
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mim_nnunet_phantoms",
+        description="Generate synthetic CT phantoms (int16 HU NIfTI, varied spacing, size and orientation), "
+        "deterministic from a seed.",
+    )
+    geometry = argparse.ArgumentParser(add_help=False)
+    geometry.add_argument(
+        "--size-mm",
+        type=float,
+        nargs=3,
+        metavar=("X", "Y", "Z"),
+        default=None,
+        help="physical extent of every volume in mm (default: drawn per case in 100..160 mm per axis)",
+    )
+    geometry.add_argument(
+        "--spacing",
+        type=float,
+        nargs=3,
+        metavar=("I", "J", "K"),
+        default=None,
+        help="voxel spacing in mm along the image axes i, j, k (default: drawn per case, in-plane 0.7-1.0 mm, "
+        "slices 1.0-3.0 mm)",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser(
+        "corpus", parents=[geometry], help="unlabeled pre-training corpus: DIR/phantom_XXXX.nii.gz"
+    )
+    c.add_argument("-o", "--out", required=True, help="output folder (created if missing)")
+    c.add_argument("-n", "--num", type=int, default=16, help="number of volumes (default 16)")
+    c.add_argument("--seed", type=int, default=0, help="corpus seed (default 0)")
+    d = sub.add_parser(
+        "dataset",
+        parents=[geometry],
+        help="labeled nnU-Net v2 raw dataset RAW/DatasetXXX_NAME (labels: "
+        + ", ".join(f"{v} {k}" for k, v in LABELS.items())
+        + ")",
+    )
+    d.add_argument("--raw", required=True, help="nnU-Net raw root, usually $nnUNet_raw")
+    d.add_argument("--id", type=int, default=990, help="dataset id 1..999 (default 990)")
+    d.add_argument("--name", default="MiMPhantom", help="dataset name (default MiMPhantom)")
+    d.add_argument("--train", type=int, default=8, help="training cases, imagesTr/labelsTr (default 8)")
+    d.add_argument("--test", type=int, default=2, help="test cases, imagesTs/labelsTs (default 2)")
+    d.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    log = logging.getLogger("mim_nnunet.phantoms")
+    if args.command == "corpus":
+        paths = write_unlabeled_corpus(
+            args.out, args.num, seed=args.seed, shape_mm=args.size_mm, spacing=args.spacing
+        )
+        log.info("wrote %d phantoms to %s", len(paths), args.out)
+    else:
+        folder = write_nnunet_dataset(
+            args.raw,
+            args.id,
+            args.name,
+            args.train,
+            args.test,
+            seed=args.seed,
+            shape_mm=args.size_mm,
+            spacing=args.spacing,
+        )
+        log.info("wrote nnU-Net dataset %s (%d training, %d test cases)", folder, args.train, args.test)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
