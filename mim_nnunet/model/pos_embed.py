@@ -31,7 +31,32 @@ def sincos_pos_embed_3d(dim: int, grid: tuple[int, int, int]) -> torch.Tensor:
     zz, yy, xx = torch.meshgrid(torch.arange(d), torch.arange(h), torch.arange(w), indexing="ij")
     part = dim // 3
     emb = torch.cat(
-        [_sincos_1d(part, zz.reshape(-1)), _sincos_1d(part, yy.reshape(-1)), _sincos_1d(part, xx.reshape(-1))],
+        [
+            _sincos_1d(part, zz.reshape(-1)),
+            _sincos_1d(part, yy.reshape(-1)),
+            _sincos_1d(part, xx.reshape(-1)),
+        ],
         dim=1,
     )
     return emb.float()
+
+
+def resize_pos_embed(
+    pos_embed: torch.Tensor, old_grid: tuple[int, int, int], new_grid: tuple[int, int, int]
+) -> torch.Tensor:
+    """Resample a ``(1, L, D)`` position embedding from one token grid to another (trilinear, timm-style).
+
+    This is the one weight-adaptation path for position embeddings: fine-tuning on a patch whose token grid
+    differs from the pre-training grid calls it on the checkpoint's table. Same grid: an unchanged copy.
+    """
+    old_grid, new_grid = tuple(int(g) for g in old_grid), tuple(int(g) for g in new_grid)
+    n, length, dim = pos_embed.shape
+    if length != old_grid[0] * old_grid[1] * old_grid[2]:
+        raise ValueError(
+            f"position embedding has {length} tokens, grid {old_grid} needs {old_grid[0] * old_grid[1] * old_grid[2]}"
+        )
+    if old_grid == new_grid:
+        return pos_embed.clone()
+    grid = pos_embed.float().transpose(1, 2).reshape(n, dim, *old_grid)
+    grid = torch.nn.functional.interpolate(grid, size=new_grid, mode="trilinear", align_corners=False)
+    return grid.reshape(n, dim, -1).transpose(1, 2).to(pos_embed.dtype).contiguous()

@@ -1,0 +1,340 @@
+"""The MiM experiment planner: nnU-Net plans from the dataset fingerprint *and* a MiM checkpoint (issue 4).
+
+Owns every planning decision, each visible in the plans JSON (``configurations['3d_fullres']`` and the top-level
+``mim`` record with the reasons). The decisions are pure functions of the fingerprint, the checkpoint metadata and
+the memory target, so they are tested without files; :class:`MiMPlanner` wires them into nnU-Net's
+``ExperimentPlanner`` (only ``3d_fullres``: the network is 3D).
+
+- Spacing: the checkpoint's pre-training spacing, the scale the encoder learned. For strongly anisotropic data
+  (nnU-Net's own test: the coarse axis' median spacing > 3x the others' *and* < 1/3 of their voxels) that axis is
+  not up-sampled past nnU-Net's choice for it (the 10th percentile of its spacings): inventing 3x more slices
+  costs memory and time and adds nothing the scanner saw. ``overwrite_target_spacing`` replaces the rule.
+- Normalisation: the checkpoint's HU window to [0, 1] via ``CTNormalization`` with rewritten intensity properties
+  (percentile_00_5 = mean = lo, percentile_99_5 = hi, std = hi - lo): exactly the pre-training mapping. Non-CT
+  channels are refused (the encoder only saw HU); with ``allow_non_ct`` they get nnU-Net's default scheme for
+  their channel name and the stem is repeated over channels at loading (documented fallback).
+- Patch size: from the median shape at the target spacing, each axis rounded to a multiple of 16 (at least 32: a
+  2^3 token grid), then shrunk (largest axis first, by 16) until the memory model at batch 2 fits the target.
+- Batch size: as many samples as the target allows, capped like nnU-Net (at most 5 % of the dataset's voxels per
+  step), at least 2.
+- Architecture: ``mim_nnunet.model.segmentation.MiMSegmentationNetwork`` with the checkpoint's encoder kwargs,
+  decoder widths, drop-path rate and the fixed ``strides`` nnU-Net uses for deep supervision.
+- Provenance: checkpoint path, sha256 and a metadata summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from nnunetv2.configuration import ANISO_THRESHOLD
+from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+from nnunetv2.paths import nnUNet_preprocessed
+from nnunetv2.preprocessing.normalization.map_channel_name_to_normalization import get_normalization_scheme
+from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
+
+from ..checkpoint import CheckpointMetadata, load_checkpoint
+from ..model.config import TOKEN_SIZE, MiMConfig
+from ..model.segmentation import STRIDES, default_decoder_dims
+from .memory import MemoryModel
+
+log = logging.getLogger(__name__)
+
+NETWORK_CLASS = "mim_nnunet.model.segmentation.MiMSegmentationNetwork"
+DEFAULT_PLANS_NAME = "MiMPlans"
+MIN_PATCH_EDGE = 2 * TOKEN_SIZE
+MIN_BATCH_SIZE = 2
+MAX_DATASET_COVERED = 0.05  # nnU-Net's cap: one step sees at most 5 % of the dataset's voxels
+DROP_PATH_RATE = 0.1
+CT_CHANNEL_NAMES = ("ct",)
+
+
+class PlanningError(RuntimeError):
+    """A dataset/checkpoint combination the planner refuses; the message says why and what to do."""
+
+
+def decide_spacing(
+    spacings: Sequence[Sequence[float]],
+    shapes: Sequence[Sequence[int]],
+    checkpoint_spacing: Sequence[float],
+    anisotropy_threshold: float = ANISO_THRESHOLD,
+) -> tuple[np.ndarray, str]:
+    """Target spacing (array axes) and a sentence explaining it."""
+    spacings = np.asarray(spacings, dtype=float)
+    target = np.asarray(checkpoint_spacing, dtype=float).copy()
+    median = np.median(spacings, 0)
+    median_shape = np.median(np.asarray(shapes, dtype=float), 0)
+    worst = int(np.argmax(median))
+    others = [i for i in range(len(median)) if i != worst]
+    aniso_spacing = median[worst] > anisotropy_threshold * max(median[i] for i in others)
+    aniso_voxels = median_shape[worst] * anisotropy_threshold < min(median_shape[i] for i in others)
+    if aniso_spacing and aniso_voxels:
+        coarse = float(np.percentile(spacings[:, worst], 10))
+        if coarse > target[worst]:
+            note = (
+                f"checkpoint spacing {list(map(float, checkpoint_spacing))} mm, except axis {worst}: the data are "
+                f"strongly anisotropic (median spacing {median.round(3).tolist()} mm), so that axis stays at "
+                f"{coarse:.3f} mm (10th percentile of its spacings, nnU-Net's rule) instead of being up-sampled "
+                f"{coarse / target[worst]:.1f}x"
+            )
+            target[worst] = coarse
+            return target, note
+    return target, f"checkpoint pre-training spacing {target.tolist()} mm"
+
+
+def window_intensity_properties(window: Sequence[float]) -> dict:
+    """CTNormalization properties that map HU ``[lo, hi]`` exactly to [0, 1] (clip, then (x - lo) / (hi - lo))."""
+    lo, hi = float(window[0]), float(window[1])
+    if not hi > lo:
+        raise PlanningError(f"intensity window {list(window)} is empty")
+    return {
+        "max": hi,
+        "mean": lo,
+        "median": (lo + hi) / 2,
+        "min": lo,
+        "percentile_00_5": lo,
+        "percentile_99_5": hi,
+        "std": hi - lo,
+    }
+
+
+def decide_normalization(channel_names: dict, allow_non_ct: bool) -> tuple[list[str], list[str]]:
+    """Normalisation scheme per channel and the channels that fell back (non-CT, only with ``allow_non_ct``)."""
+    schemes, fallback = [], []
+    for key, name in channel_names.items():
+        if str(name).lower() in CT_CHANNEL_NAMES:
+            schemes.append("CTNormalization")
+            continue
+        if not allow_non_ct:
+            raise PlanningError(
+                f"channel {key} is {name!r}, not CT: the MiM encoder was pre-trained on HU windowed to [0, 1]. "
+                "Pass --allow_non_ct to normalise it with nnU-Net's default scheme for that channel instead."
+            )
+        schemes.append(get_normalization_scheme(name).__name__)
+        fallback.append(str(key))
+    return schemes, fallback
+
+
+def initial_patch_size(median_shape: Sequence[float]) -> list[int]:
+    """Each axis of the median shape rounded to the nearest multiple of 16, at least 32."""
+    return [max(MIN_PATCH_EDGE, int(round(s / TOKEN_SIZE)) * TOKEN_SIZE) for s in median_shape]
+
+
+def decide_patch_and_batch(
+    median_shape: Sequence[float],
+    memory: MemoryModel,
+    target_bytes: float,
+    dataset_voxels: float,
+) -> tuple[list[int], int, str]:
+    """Largest patch (axes multiples of 16) whose batch-2 step fits ``target_bytes``; then the batch size."""
+    patch = initial_patch_size(median_shape)
+    start = list(patch)
+    while memory.estimate(patch, MIN_BATCH_SIZE) > target_bytes:
+        axis = int(np.argmax(patch))
+        if patch[axis] <= MIN_PATCH_EDGE:
+            raise PlanningError(
+                f"even a {patch} patch needs {memory.estimate(patch, MIN_BATCH_SIZE) / 2**30:.2f} GiB at batch "
+                f"{MIN_BATCH_SIZE}, more than the {target_bytes / 2**30:.2f} GiB target: raise the memory target"
+            )
+        patch[axis] -= TOKEN_SIZE
+    per_sample = memory.per_sample_bytes(patch)
+    by_memory = int((target_bytes - memory.fixed_bytes()) // per_sample)
+    by_dataset = int(round(dataset_voxels * MAX_DATASET_COVERED / float(np.prod(patch))))
+    batch = max(MIN_BATCH_SIZE, min(by_memory, by_dataset))
+    note = (
+        f"median shape {np.round(median_shape, 1).tolist()} -> start {start} -> {patch} fits "
+        f"{target_bytes / 2**30:.2f} GiB at batch {MIN_BATCH_SIZE} (estimate "
+        f"{memory.estimate(patch, MIN_BATCH_SIZE) / 2**30:.2f} GiB); batch {batch} "
+        f"(memory allows {by_memory}, 5 % of the dataset allows {by_dataset}, minimum {MIN_BATCH_SIZE})"
+    )
+    return patch, batch, note
+
+
+def architecture_kwargs(
+    config: MiMConfig, patch_size: Sequence[int], drop_path_rate: float = DROP_PATH_RATE
+) -> dict:
+    return {
+        "patch_size": [int(p) for p in patch_size],
+        "dims": list(config.dims),
+        "conv_depths": list(config.conv_depths),
+        "depth": config.depth,
+        "num_heads": config.num_heads,
+        "mlp_ratio": config.mlp_ratio,
+        "drop_path_rate": drop_path_rate,
+        "decoder_dims": list(default_decoder_dims(config.dims)),
+        "strides": [list(s) for s in STRIDES],
+    }
+
+
+def checkpoint_record(path: Path, md: CheckpointMetadata) -> dict:
+    return {
+        "path": str(path),
+        "sha256": md.weights_sha256,
+        "preset": md.preset,
+        "spacing": md.spacing,
+        "intensity_window": md.intensity_window,
+        "input_size": md.input_size,
+        "crop_size": md.crop_size,
+        "encoder_prefix": md.encoder_prefix,
+        "step": md.step,
+        "epoch": md.epoch,
+        "code_version": md.code_version,
+        "format_version": md.format_version,
+        "corpus": md.corpus,
+    }
+
+
+class MiMPlanner(ExperimentPlanner):
+    """nnU-Net ``ExperimentPlanner`` whose 3d_fullres configuration is planned for a MiM checkpoint."""
+
+    def __init__(
+        self,
+        dataset_name_or_id: str | int,
+        gpu_memory_target_in_gb: float = 8,
+        preprocessor_name: str = "DefaultPreprocessor",
+        plans_name: str = DEFAULT_PLANS_NAME,
+        overwrite_target_spacing: Sequence[float] | None = None,
+        suppress_transpose: bool = False,
+        checkpoint: str | Path | None = None,
+        allow_non_ct: bool = False,
+    ):
+        super().__init__(
+            dataset_name_or_id,
+            gpu_memory_target_in_gb,
+            preprocessor_name,
+            plans_name,
+            overwrite_target_spacing,
+            suppress_transpose,
+        )
+        if checkpoint is None:
+            raise PlanningError("MiMPlanner needs the MiM pre-training checkpoint (-pt)")
+        self.checkpoint = Path(checkpoint).resolve()
+        # Full load: the sha256 of the weights is verified before anything is planned on them.
+        _, self.metadata = load_checkpoint(self.checkpoint, verify=True)
+        self.mim_config = MiMConfig.from_dict(self.metadata.config)
+        self.allow_non_ct = allow_non_ct
+        self.notes: dict[str, str] = {}
+
+    def determine_fullres_target_spacing(self) -> np.ndarray:
+        if self.overwrite_target_spacing is not None:
+            self.notes["spacing"] = (
+                f"overwrite_target_spacing {list(self.overwrite_target_spacing)} mm (user)"
+            )
+            return np.array(self.overwrite_target_spacing, dtype=float)
+        target, note = decide_spacing(
+            self.dataset_fingerprint["spacings"],
+            self.dataset_fingerprint["shapes_after_crop"],
+            self.metadata.spacing,
+        )
+        self.notes["spacing"] = note
+        return target
+
+    def determine_normalization_scheme_and_whether_mask_is_used_for_norm(
+        self,
+    ) -> tuple[list[str], list[bool]]:
+        schemes, fallback = decide_normalization(self.dataset_json["channel_names"], self.allow_non_ct)
+        lo, hi = self.metadata.intensity_window
+        self.notes["normalization"] = f"CT channels: HU [{lo}, {hi}] -> [0, 1] through CTNormalization" + (
+            f"; non-CT channels {fallback}: nnU-Net's default scheme (--allow_non_ct fallback)"
+            if fallback
+            else ""
+        )
+        return schemes, [False] * len(schemes)
+
+    def get_plans_for_configuration(
+        self, spacing, median_shape, data_identifier, approximate_n_voxels_dataset, _cache
+    ):
+        n_in = len(self.dataset_json["channel_names"])
+        n_out = len(self.dataset_json["labels"])
+        memory = MemoryModel(architecture_kwargs(self.mim_config, (16, 16, 16)), n_in, n_out)
+        patch, batch, note = decide_patch_and_batch(
+            median_shape, memory, self.UNet_vram_target_GB * 2**30, approximate_n_voxels_dataset
+        )
+        self.notes["patch_and_batch"] = note
+        resampling_data, data_kwargs, resampling_seg, seg_kwargs = self.determine_resampling()
+        resampling_softmax, softmax_kwargs = self.determine_segmentation_softmax_export_fn()
+        schemes, use_mask = self.determine_normalization_scheme_and_whether_mask_is_used_for_norm()
+        return {
+            "data_identifier": data_identifier,
+            "preprocessor_name": self.preprocessor_name,
+            "batch_size": batch,
+            "patch_size": patch,
+            "median_image_size_in_voxels": [float(s) for s in median_shape],
+            "spacing": [float(s) for s in spacing],
+            "normalization_schemes": schemes,
+            "use_mask_for_norm": use_mask,
+            "resampling_fn_data": resampling_data.__name__,
+            "resampling_fn_seg": resampling_seg.__name__,
+            "resampling_fn_data_kwargs": data_kwargs,
+            "resampling_fn_seg_kwargs": seg_kwargs,
+            "resampling_fn_probabilities": resampling_softmax.__name__,
+            "resampling_fn_probabilities_kwargs": softmax_kwargs,
+            "architecture": {
+                "network_class_name": NETWORK_CLASS,
+                "arch_kwargs": architecture_kwargs(self.mim_config, patch),
+                "_kw_requires_import": [],
+            },
+            "batch_dice": False,
+        }
+
+    def plan_experiment(self) -> dict:
+        transpose_forward, transpose_backward = self.determine_transpose()
+        spacing = self.determine_fullres_target_spacing()
+        new_shapes = [
+            compute_new_shape(shape, sp, spacing)
+            for sp, shape in zip(
+                self.dataset_fingerprint["spacings"], self.dataset_fingerprint["shapes_after_crop"]
+            )
+        ]
+        median_shape = np.median(new_shapes, 0)[transpose_forward]
+        n_voxels = float(np.prod(median_shape, dtype=np.float64) * self.dataset_json["numTraining"])
+        fullres = self.get_plans_for_configuration(
+            spacing[transpose_forward],
+            median_shape,
+            self.generate_data_identifier("3d_fullres"),
+            n_voxels,
+            {},
+        )
+        intensity = dict(self.dataset_fingerprint["foreground_intensity_properties_per_channel"])
+        for key, scheme in zip(self.dataset_json["channel_names"], fullres["normalization_schemes"]):
+            if scheme == "CTNormalization":
+                intensity[str(key)] = window_intensity_properties(self.metadata.intensity_window)
+        plans = {
+            "dataset_name": self.dataset_name,
+            "plans_name": self.plans_identifier,
+            "original_median_spacing_after_transp": [
+                float(i) for i in np.median(self.dataset_fingerprint["spacings"], 0)[transpose_forward]
+            ],
+            "original_median_shape_after_transp": [
+                int(round(i))
+                for i in np.median(self.dataset_fingerprint["shapes_after_crop"], 0)[transpose_forward]
+            ],
+            "image_reader_writer": self.determine_reader_writer().__name__,
+            "transpose_forward": [int(i) for i in transpose_forward],
+            "transpose_backward": [int(i) for i in transpose_backward],
+            "configurations": {"3d_fullres": fullres},
+            "experiment_planner_used": self.__class__.__name__,
+            "label_manager": "LabelManager",
+            "foreground_intensity_properties_per_channel": intensity,
+            "mim": {
+                "checkpoint": checkpoint_record(self.checkpoint, self.metadata),
+                "memory_target_gb": float(self.UNet_vram_target_GB),
+                "decisions": dict(self.notes),
+                "dataset_intensity_properties_per_channel": self.dataset_fingerprint[
+                    "foreground_intensity_properties_per_channel"
+                ],
+            },
+        }
+        # nnU-Net keeps a copy of dataset.json next to the plans.
+        shutil.copy(
+            Path(self.raw_dataset_folder) / "dataset.json",
+            Path(nnUNet_preprocessed) / self.dataset_name / "dataset.json",
+        )
+        for k, v in self.notes.items():
+            log.info("MiM plan %s: %s", k, v)
+        self.plans = plans
+        self.save_plans(plans)
+        return plans
