@@ -1,0 +1,199 @@
+"""``mim_nnunet_submit``: predictions -> a validated challenge submission; ``--check-only``; ``evaluate``.
+
+    mim_nnunet_submit -i IMAGES -m MODEL [-m MODEL2 ...] --profile msd -o OUT [--device cpu|cuda]
+    mim_nnunet_submit -i IMAGES --profile kits23 --check-only PRED_DIR [-m MODEL | --labels 0,1,2,3]
+    mim_nnunet_submit evaluate -p PRED_DIR -r REF_DIR --tolerance 2 [--labels 1,2] [-o summary.json]
+    mim_nnunet_submit profiles
+
+Exit codes: 0 valid / done, 1 validation failed (nothing zipped), 2 bad arguments, profile or model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from mim_nnunet.submission.evaluate import evaluate_folders, format_table, save_result
+from mim_nnunet.submission.pipeline import OutputExistsError, check_only, submit
+from mim_nnunet.submission.predict import ModelError
+from mim_nnunet.submission.profiles import ProfileError, available_profiles, load_profile
+
+EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _label_map(text: str) -> dict[int, int]:
+    try:
+        return {int(a): int(b) for a, b in (pair.split(":") for pair in text.split(",") if pair.strip())}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected SRC:DST[,SRC:DST...], got {text!r}") from None
+
+
+def _var(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    k, v = text.split("=", 1)
+    return k, v
+
+
+def submit_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mim_nnunet_submit",
+        description="Predict test images with trained nnU-Net model(s) and package a validated challenge "
+        "submission (predictions in the profile's format, a zip, a manifest). Subcommands: "
+        "'evaluate' (Dice + NSD against references), 'profiles' (list shipped profiles).",
+    )
+    p.add_argument("-i", "--images", required=True, help="folder of test images")
+    p.add_argument(
+        "-m",
+        "--model",
+        action="append",
+        default=[],
+        help="trained model folder (Trainer__Plans__config), repeat to ensemble; or "
+        "inference_information.json / the results folder of nnUNetv2_find_best_configuration",
+    )
+    p.add_argument(
+        "--profile", default="generic", help="profile name (see 'profiles') or a profile .json file"
+    )
+    p.add_argument("-o", "--output", help="output folder (predictions/, submission.zip, manifest.json)")
+    p.add_argument(
+        "--check-only",
+        metavar="PRED_DIR",
+        help="only validate an existing predictions folder; predicts and writes nothing",
+    )
+    p.add_argument("-f", "--folds", nargs="+", help="folds to use (default: every fold with a checkpoint)")
+    p.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth")
+    p.add_argument(
+        "--postprocessing",
+        help="postprocessing.pkl to apply, or 'none' (default: nnU-Net's "
+        "determined post-processing when find_best_configuration produced one)",
+    )
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
+    p.add_argument("--disable-tta", action="store_true", help="no mirroring test-time augmentation")
+    p.add_argument(
+        "--step-size", type=float, default=0.5, help="sliding-window step as a fraction of the patch"
+    )
+    p.add_argument(
+        "-np",
+        "--num-processes",
+        type=int,
+        default=2,
+        help="nnU-Net pre-processing/export workers; 0 = sequential, no worker processes",
+    )
+    p.add_argument("--labels", type=_int_list, help="allowed label values for --check-only without a model")
+    p.add_argument("--label-map", type=_label_map, help="model value -> challenge value, e.g. 1:6,2:3")
+    p.add_argument(
+        "--var",
+        type=_var,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="template variable for the profile's names (e.g. msd_task=Task04_Hippocampus)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier submission in -o")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def evaluate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mim_nnunet_submit evaluate",
+        description="Dice and normalised surface Dice per label and mean. Files are matched by relative path.",
+    )
+    p.add_argument("-p", "--pred", required=True, help="predictions folder")
+    p.add_argument("-r", "--ref", required=True, help="reference segmentations folder")
+    p.add_argument("--tolerance", type=float, required=True, help="NSD tolerance in mm")
+    p.add_argument(
+        "--labels", type=_int_list, help="labels to score (default: non-zero values in the references)"
+    )
+    p.add_argument("--allow-missing", action="store_true", help="skip references without a prediction")
+    p.add_argument("-o", "--output", help="write the full result as JSON")
+    return p
+
+
+def _run_evaluate(argv: list[str]) -> int:
+    args = evaluate_parser().parse_args(argv)
+    try:
+        result = evaluate_folders(args.pred, args.ref, args.tolerance, args.labels, args.allow_missing)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(format_table(result))
+    if args.output:
+        save_result(result, args.output)
+    return EXIT_OK
+
+
+def _run_profiles() -> int:
+    for name, path in sorted(available_profiles().items()):
+        prof = load_profile(path)
+        labels = "from the model" if prof.labels is None else f"{len(prof.labels)} values"
+        print(f"{name:10s} {prof.title}  [labels: {labels}]  {path}")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["evaluate"]:
+        return _run_evaluate(argv[1:])
+    if argv[:1] == ["profiles"]:
+        return _run_profiles()
+    parser = submit_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
+    user_vars = dict(args.var)
+    try:
+        profile = load_profile(args.profile)
+        if args.check_only:
+            report = check_only(
+                args.check_only,
+                args.images,
+                profile,
+                model_args=args.model or None,
+                labels=args.labels,
+                label_map=args.label_map,
+                user_vars=user_vars,
+            )
+            print(report.summary())
+            return EXIT_OK if report.ok else EXIT_INVALID
+        if not args.model or not args.output:
+            parser.error("-m/--model and -o/--output are required unless --check-only is given")
+        result = submit(
+            args.images,
+            args.model,
+            profile,
+            args.output,
+            folds=args.folds,
+            checkpoint=args.checkpoint,
+            postprocessing=args.postprocessing,
+            device=args.device,
+            tta=not args.disable_tta,
+            step_size=args.step_size,
+            num_processes=args.num_processes,
+            label_map=args.label_map,
+            user_vars=user_vars,
+            overwrite=args.overwrite,
+            argv=["mim_nnunet_submit", *argv],
+        )
+    except (ProfileError, ModelError, OutputExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(result.report.summary())
+    if not result.ok:
+        print(f"nothing zipped; report: {result.out_dir / 'validation.json'}", file=sys.stderr)
+        return EXIT_INVALID
+    print(f"wrote {result.zip_path} and {result.manifest_path}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
