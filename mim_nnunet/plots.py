@@ -1,0 +1,126 @@
+"""Pictures of a pre-training run: ``progress.png`` (losses and learning rate over steps) and reconstruction
+previews (input, masked input, reconstruction; middle slices of the three axes) per Mask-in-Mask level.
+
+Matplotlib through the Agg canvas only (no pyplot state, no display needed). Files are written atomically, so a
+viewer never sees half a PNG. With the norm-pix loss the model predicts each patch normalised by the target
+patch's own mean and variance; for display the prediction is mapped back with those statistics (MAE does the
+same), and visible patches show the input itself.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .losses import patchify, unpatchify
+
+GREY = colormaps["gray"].with_extremes(bad="#3a6fb0")  # masked patches in blue
+
+
+def _save(fig: Figure, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    FigureCanvasAgg(fig)
+    fig.savefig(tmp, dpi=100)
+    os.replace(tmp, path)
+
+
+def plot_progress(records: list[dict], path: str | os.PathLike) -> None:
+    """``records``: one dict per optimizer step with ``step``, ``lr`` and the losses ``rec1..3``, ``align12/23``."""
+    if not records:
+        return
+    steps = [r["step"] for r in records]
+    fig = Figure(figsize=(12, 8), layout="constrained")
+    axes = fig.subplots(2, 2)
+    panels = [
+        (axes[0, 0], "reconstruction loss (norm-pix MSE, masked tokens)", ["rec1", "rec2", "rec3"]),
+        (axes[0, 1], "cross-level alignment loss (2 - 2 cos)", ["align12", "align23"]),
+        (axes[1, 0], "total loss", ["loss"]),
+        (axes[1, 1], "learning rate", ["lr"]),
+    ]
+    for ax, title, keys in panels:
+        for key in keys:
+            ys = [r.get(key) for r in records]
+            if any(y is not None for y in ys):
+                label = {
+                    "rec1": "level 1",
+                    "rec2": "level 2",
+                    "rec3": "level 3",
+                    "align12": "level 1 -> 2",
+                    "align23": "level 2 -> 3",
+                }.get(key, key)
+                ax.plot(steps, [float("nan") if y is None else y for y in ys], label=label, linewidth=1)
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        if len(keys) > 1 and ax.lines:
+            ax.legend()
+    _save(fig, Path(path))
+
+
+def reconstruction_views(
+    inputs: torch.Tensor,
+    mask: torch.Tensor,
+    prediction: torch.Tensor,
+    norm_pix: bool = True,
+    eps: float = 1e-6,
+) -> dict[str, torch.Tensor]:
+    """One volume's ``input``, ``masked`` input (NaN where masked) and ``reconstruction`` as ``(S, S, S)`` arrays.
+
+    ``inputs (C, S, S, S)``, ``mask (L,)`` with 1 = masked, ``prediction (L, 16^3 C)`` as the model outputs it.
+    """
+    x = inputs[None].float().cpu()
+    c, grid = x.shape[1], tuple(s // 16 for s in x.shape[2:])
+    target = patchify(x)
+    pred = prediction[None].float().cpu()
+    if norm_pix:
+        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+        pred = pred * (var + eps) ** 0.5 + mean
+    m = mask.float().cpu()[None, :, None] > 0
+    recon = torch.where(m, pred, target)
+    masked = torch.where(m, torch.full_like(target, float("nan")), target)
+    return {
+        "input": x[0, 0],
+        "masked input": unpatchify(masked, grid, c)[0, 0],
+        "reconstruction": unpatchify(recon, grid, c)[0, 0],
+    }
+
+
+def plot_reconstruction(views: dict[str, torch.Tensor], title: str, path: str | os.PathLike) -> None:
+    fig = Figure(figsize=(3 * len(views), 9), layout="constrained")
+    axes = fig.subplots(3, len(views), squeeze=False)
+    for col, (name, vol) in enumerate(views.items()):
+        d, h, w = vol.shape
+        slices = {"axial (z)": vol[d // 2], "coronal (y)": vol[:, h // 2], "sagittal (x)": vol[:, :, w // 2]}
+        for row, (axis_name, img) in enumerate(slices.items()):
+            ax = axes[row, col]
+            ax.imshow(img.numpy(), cmap=GREY, vmin=0.0, vmax=1.0, origin="lower")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(name)
+            if col == 0:
+                ax.set_ylabel(f"middle {axis_name}")
+    fig.suptitle(title)
+    _save(fig, Path(path))
+
+
+def save_previews(output, out_dir: str | os.PathLike, step: int, norm_pix: bool = True) -> list[Path]:
+    """A preview per level of a :class:`~mim_nnunet.model.mim.MiMOutput` (its first volume of each level)."""
+    paths = []
+    for n, level in enumerate(output.levels, start=1):
+        views = reconstruction_views(level.inputs[0], level.masks[0], level.predictions[0], norm_pix)
+        ratio = float(level.masks[0].float().mean())
+        path = Path(out_dir) / f"step_{step:05d}_level{n}.png"
+        plot_reconstruction(
+            views,
+            f"step {step}, level {n} (volume 1 of {level.inputs.shape[0]}, {ratio:.0%} of tokens masked)",
+            path,
+        )
+        paths.append(path)
+    return paths

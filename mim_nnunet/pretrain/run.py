@@ -1,0 +1,413 @@
+"""A pre-training run: its folder, options, checkpoints and resume, and :func:`run_pretraining` that drives
+:func:`.engine.train_steps`.
+
+Layout of the run folder::
+
+    config.json                    options, model config, data settings, derived values (lr, steps, precision)
+    checkpoint_latest.safetensors  weights + metadata (mim_nnunet.checkpoint), every --save-every steps
+    checkpoint_final.safetensors   the same at the end of the schedule: the file fine-tuning uses
+    resume_state.pt                optimizer, scaler, schedule, data position and seeds of checkpoint_latest
+    train.log, metrics.jsonl       the log; one JSON line of losses, lr and throughput per optimizer step
+    progress.png                   losses and lr over steps
+    previews/step_XXXXX_level{1,2,3}.png  reconstruction of a fixed crop at every checkpoint
+
+Only rank 0 writes. The weights are written before the resume state, and the resume state records the sha256
+of the weights it belongs to, so a kill between the two writes is detected on resume instead of silently
+continuing from a mismatched optimizer state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .. import __version__, build_pretraining_model
+from ..checkpoint import (
+    CheckpointError,
+    CheckpointMetadata,
+    check_state_dict,
+    load_checkpoint,
+    load_resume_state,
+    save_checkpoint,
+    save_resume_state,
+)
+from ..model.config import TOKEN_SIZE
+from ..plots import plot_progress, save_previews
+from .distributed import DistInfo, any_rank, barrier
+from .engine import AUTOCAST, train_steps
+from .optim import build_optimizer, lr_at, scaled_lr
+from .sampler import CropOrder, EpochCrops, ignore_sigint
+
+log = logging.getLogger("mim_nnunet.pretrain")
+
+CHECKPOINT_LATEST = "checkpoint_latest.safetensors"
+CHECKPOINT_FINAL = "checkpoint_final.safetensors"
+RESUME_STATE = "resume_state.pt"
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+LOG = "train.log"
+PROGRESS = "progress.png"
+PREVIEWS = "previews"
+RESUME_FORMAT = 1
+
+# Measured with benchmarks/bench_precision.py on the project's 2-core AVX-512 CPU: bf16 autocast is several
+# times slower than fp32 there (and mim_method.md §8 found the same for `base`), so `auto` means fp32 on CPU.
+CPU_AUTO_PRECISION = "fp32"
+WARMUP_FRACTION = 0.05  # the paper warms up 40 of 800 epochs (mim_method.md §5)
+
+
+@dataclass
+class RunOptions:
+    """Everything that decides a run besides the data. Defaults follow mim_method.md §5 where it says."""
+
+    preset: str = "base"
+    levels: int | None = None  # None: the preset's (3); 1 = plain hybrid MAE, the ablation baseline
+    grad_checkpointing: bool = False
+    batch_size: int = 2  # crops per micro-batch per process
+    accumulate: int = 1
+    max_steps: int | None = None  # optimizer steps; wins over epochs
+    epochs: int | None = 800
+    lr: float | None = None  # absolute; None: blr * effective_batch / 256
+    blr: float = 1e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    warmup_steps: int | None = None  # None: 5 % of the schedule
+    clip_grad: float | None = None
+    precision: str = "auto"
+    seed: int = 0
+    num_workers: int = 2
+    save_every: int = 500
+    log_every: int = 10
+    stop_after: int | None = None  # leave after this many steps of this invocation (resume later)
+    progress: bool = True
+
+    def model_overrides(self) -> dict:
+        o = {"grad_checkpointing": self.grad_checkpointing} if self.grad_checkpointing else {}
+        return o | ({"levels": self.levels} if self.levels is not None else {})
+
+
+@dataclass
+class Schedule:
+    effective_batch: int
+    lr: float
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    min_lr: float
+
+    def lr_at(self, step: int) -> float:
+        return lr_at(step, self.lr, self.warmup_steps, self.total_steps, self.min_lr)
+
+
+@dataclass
+class RunResult:
+    status: (
+        str  # "finished" (schedule done), "stopped" (stop_after reached) or "interrupted" (SIGINT/SIGTERM)
+    )
+    step: int  # optimizer steps done in all
+    model: torch.nn.Module  # the trained MiMPretrainingModel (not the DDP wrapper)
+
+
+def plan_schedule(opts: RunOptions, steps_per_epoch: int, world_size: int) -> Schedule:
+    eff = opts.batch_size * opts.accumulate * world_size
+    lr = opts.lr if opts.lr is not None else scaled_lr(opts.blr, eff)
+    if opts.max_steps is not None:
+        total = opts.max_steps
+    elif opts.epochs is not None:
+        total = opts.epochs * steps_per_epoch
+    else:
+        raise ValueError("give the length of the schedule: max_steps or epochs")
+    if total < 1:
+        raise ValueError(f"the schedule must have at least one step, got {total}")
+    warmup = opts.warmup_steps if opts.warmup_steps is not None else round(WARMUP_FRACTION * total)
+    return Schedule(eff, lr, steps_per_epoch, total, min(warmup, total), opts.min_lr)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return CPU_AUTO_PRECISION
+    if precision not in AUTOCAST:
+        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    return precision
+
+
+def setup_logging(out_dir: str | Path, is_main: bool = True) -> None:
+    """Console (through tqdm, so the bar survives) and, on rank 0, ``train.log`` in the run folder."""
+
+    class TqdmHandler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            tqdm.write(self.format(record), file=sys.stderr)
+
+    root = logging.getLogger("mim_nnunet")
+    root.setLevel(logging.INFO if is_main else logging.WARNING)
+    for h in list(root.handlers):
+        if getattr(h, "_mim_run", False):
+            root.removeHandler(h)
+    handlers: list[logging.Handler] = [TqdmHandler()]
+    if is_main:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(Path(out_dir) / LOG))
+    for h in handlers:
+        h._mim_run = True
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        root.addHandler(h)
+
+
+class StopRequest:
+    """SIGINT/SIGTERM: finish the current step, save, leave. A second signal aborts at once (the previous
+    checkpoint stays intact: writes are atomic)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum: int, _frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning(
+            "%s received: finishing this step, saving, then stopping (send it again to abort now)",
+            signal.Signals(signum).name,
+        )
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def read_metrics(out_dir: Path, up_to_step: int | None = None) -> list[dict]:
+    path = out_dir / METRICS
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if up_to_step is None or r["step"] <= up_to_step]
+
+
+def _restore(out: Path, model, optimizer, scaler, order: CropOrder, opts: RunOptions, dist: DistInfo) -> int:
+    """Load weights and resume state of ``out``; returns the step to continue from."""
+    path = out / CHECKPOINT_LATEST
+    state, meta = load_checkpoint(path)
+    check_state_dict(path, state, model.state_dict())
+    mine = json.loads(json.dumps(model.config.to_dict()))
+    if meta.config != mine:
+        diff = sorted(k for k in set(mine) | set(meta.config) if mine.get(k) != meta.config.get(k))
+        raise CheckpointError(f"{path}: written for another model configuration (differs in {diff})")
+    model.load_state_dict(state)
+    rs = load_resume_state(out / RESUME_STATE)
+    if rs.get("weights_sha256") != meta.weights_sha256:
+        raise CheckpointError(
+            f"{out / RESUME_STATE}: belongs to step {rs.get('step')}, but {path} holds step {meta.step} "
+            "(the run was killed between the two writes); the weights are intact, but exact resume is impossible"
+        )
+    expected = _data_position(order, opts, dist, rs["step"])
+    changed = {k: (rs["data"].get(k), v) for k, v in expected.items() if rs["data"].get(k) != v}
+    if changed:
+        raise ValueError(
+            f"{out}: cannot continue exactly, the data order depends on {sorted(changed)} "
+            f"(saved vs now: {changed}); start a new run (-o elsewhere) to change them"
+        )
+    optimizer.load_state_dict(rs["optimizer"])
+    scaler.load_state_dict(rs["scaler"])
+    return int(rs["step"])
+
+
+def _data_position(order: CropOrder, opts: RunOptions, dist: DistInfo, step: int) -> dict:
+    return {
+        "num_volumes": order.n,
+        "batch_size": opts.batch_size,
+        "accumulate": opts.accumulate,
+        "world_size": dist.world_size,
+        "seed": opts.seed,
+        "steps_per_epoch": order.steps_per_epoch,
+    }
+
+
+def run_pretraining(
+    out_dir: str | Path, opts: RunOptions, crops: Dataset, data: dict, dist: DistInfo, resume: bool = False
+) -> RunResult:
+    """Train on ``crops`` (a dataset with ``set_epoch`` whose items are ``(1, 2S, 2S, 2S)`` crops).
+
+    ``data`` holds ``spacing``, ``window`` and ``corpus`` (the fingerprint) for the checkpoint metadata, and
+    anything else worth recording in config.json (inputs, cache). A checkpoint and a resume state are saved
+    whichever way it ends (see :class:`RunResult`).
+    """
+    out = Path(out_dir)
+    precision = resolve_precision(opts.precision, dist.device)
+    torch.manual_seed(opts.seed)  # the initial weights (DDP also broadcasts rank 0's)
+    model = build_pretraining_model(opts.preset, **opts.model_overrides()).to(dist.device)
+    order = CropOrder(len(crops), opts.batch_size, opts.accumulate, dist.world_size, dist.rank, opts.seed)
+    sched = plan_schedule(opts, order.steps_per_epoch, dist.world_size)
+    optimizer = build_optimizer(model, sched.lr, opts.weight_decay)
+    scaler = torch.amp.GradScaler(dist.device.type, enabled=precision == "fp16")
+    start = _restore(out, model, optimizer, scaler, order, opts, dist) if resume else 0
+    order.start_step = start
+    end = sched.total_steps if opts.stop_after is None else min(sched.total_steps, start + opts.stop_after)
+
+    def metadata(step: int) -> CheckpointMetadata:
+        return CheckpointMetadata(
+            preset=opts.preset, config=model.config.to_dict(), spacing=[float(s) for s in data["spacing"]],
+            intensity_window=[float(w) for w in data["window"]], token_size=TOKEN_SIZE,
+            input_size=model.input_size, crop_size=model.crop_size, corpus=data.get("corpus", {}), step=step,
+            epoch=step // sched.steps_per_epoch, code_version=__version__,
+        )  # fmt: skip
+
+    preview_crop = EpochCrops(crops)[0, 0][None] if dist.is_main else None
+
+    def save(step: int, final: bool = False) -> None:
+        if dist.is_main:
+            sha = save_checkpoint(out / CHECKPOINT_LATEST, model.state_dict(), metadata(step))
+            save_resume_state(out / RESUME_STATE, {
+                "format": RESUME_FORMAT, "step": step, "weights_sha256": sha,
+                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "schedule": asdict(sched),
+                "data": _data_position(order, opts, dist, step),
+                "rng": {"seed": opts.seed, "scheme": "masks: Generator(mix(seed, rank, step, micro)); "
+                        "global RNG re-seeded with mix(seed, rank, step) each step; crops: (seed, epoch, index)"},
+            })  # fmt: skip
+            if final:
+                save_checkpoint(out / CHECKPOINT_FINAL, model.state_dict(), metadata(step))
+            model.eval()
+            with (
+                torch.no_grad(),
+                torch.autocast(dist.device.type, AUTOCAST[precision], enabled=precision != "fp32"),
+            ):
+                preview = model(
+                    preview_crop.to(dist.device), generator=torch.Generator().manual_seed(opts.seed)
+                )
+            model.train()
+            save_previews(preview, out / PREVIEWS, step, model.config.norm_pix_loss)
+            plot_progress(read_metrics(out), out / PROGRESS)
+            log.info(
+                "step %d: saved %s%s",
+                step,
+                out / CHECKPOINT_LATEST,
+                " and " + CHECKPOINT_FINAL if final else "",
+            )
+        barrier(dist)
+
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        records = read_metrics(out, start) if resume else []
+        (out / METRICS).write_text("".join(json.dumps(r) + "\n" for r in records))
+        info = {"options": asdict(opts), "model": model.config.to_dict(),
+                "data": {k: v for k, v in data.items() if k != "corpus"},
+                "derived": asdict(sched) | {"precision": precision, "world_size": dist.world_size,
+                                            "device": str(dist.device)},
+                "code_version": __version__}  # fmt: skip
+        (out / CONFIG).write_text(json.dumps(info, indent=2) + "\n")
+        log.info(
+            "%s%s: preset %s, %d volumes, %d crops per step (%d x %d accumulated x %d processes), lr %.3g, "
+            "%d steps (%d per epoch, warm-up %d), precision %s on %s",
+            "resuming " if resume else "",
+            out,
+            opts.preset,
+            len(crops),
+            sched.effective_batch,
+            opts.batch_size,
+            opts.accumulate,
+            dist.world_size,
+            sched.lr,
+            sched.total_steps,
+            sched.steps_per_epoch,
+            sched.warmup_steps,
+            precision,
+            dist.device,
+        )
+    if start >= sched.total_steps:
+        if dist.is_main and not (out / CHECKPOINT_FINAL).is_file():
+            save(start, final=True)
+        log.info("the schedule (%d steps) is already complete", sched.total_steps)
+        return RunResult("finished", start, model)
+
+    net = model
+    if dist.enabled:
+        net = DistributedDataParallel(
+            model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
+        )
+    loader = DataLoader(
+        EpochCrops(crops),
+        batch_size=opts.batch_size,
+        sampler=order,
+        num_workers=opts.num_workers,
+        pin_memory=dist.device.type == "cuda",
+        worker_init_fn=ignore_sigint if opts.num_workers else None,
+    )
+    stop = StopRequest()
+    t_start = time.perf_counter()
+    bar = tqdm(
+        total=sched.total_steps,
+        initial=start,
+        unit="step",
+        disable=not (dist.is_main and opts.progress),
+        dynamic_ncols=True,
+        desc="pre-training",
+    )
+    metrics_file = open(out / METRICS, "a") if dist.is_main else None  # noqa: SIM115 -- closed below
+
+    def on_step(step: int, m: dict) -> bool:
+        if dist.is_main:
+            metrics_file.write(json.dumps({"step": step, "epoch": step / sched.steps_per_epoch} | m) + "\n")
+            metrics_file.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", crops_s=f"{m['crops_per_s']:.2f}")
+            if step % opts.log_every == 0 or step == end:
+                eta = (time.perf_counter() - t_start) / (step - start) * (sched.total_steps - step)
+                log.info(
+                    "step %d/%d epoch %.2f | %s | lr %.3g | %.2f crops/s | ETA %s",
+                    step,
+                    sched.total_steps,
+                    step / sched.steps_per_epoch,
+                    " ".join(f"{k} {m[k]:.4f}" for k in m if k[:3] in ("los", "rec", "ali")),
+                    m["lr"],
+                    m["crops_per_s"],
+                    tqdm.format_interval(eta),
+                )
+        stopping = any_rank(stop.requested, dist)
+        if stopping or step % opts.save_every == 0 or step == end:
+            save(step, final=step == sched.total_steps)
+        return stopping
+
+    try:
+        done = train_steps(
+            net,
+            iter(loader),
+            optimizer,
+            scaler,
+            sched.lr_at,
+            start,
+            end,
+            opts.accumulate,
+            opts.seed,
+            dist,
+            precision,
+            opts.clip_grad,
+            on_step,
+        )
+    finally:
+        stop.restore()
+        bar.close()
+        if metrics_file:
+            metrics_file.close()
+    if done >= sched.total_steps:
+        log.info("finished: %s", out / CHECKPOINT_FINAL)
+        return RunResult("finished", done, model)
+    how = "interrupted" if stop.requested else "stopped"
+    log.info(
+        "%s at step %d of %d; continue with: mim_nnunet_pretrain -o %s --resume",
+        how,
+        done,
+        sched.total_steps,
+        out,
+    )
+    return RunResult(how, done, model)
