@@ -84,7 +84,7 @@ class ValidationReport:
 
 
 def _fmt(values) -> str:
-    return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
+    return str(tuple(round(float(v), 6) + 0.0 for v in values))  # + 0.0 turns -0.0 into 0.0
 
 
 def check_geometry(pred: sitk.Image, ref: sitk.Image) -> list[str]:

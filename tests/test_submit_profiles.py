@@ -1,0 +1,172 @@
+"""Profiles are data: every shipped file loads and names files as its challenge documents; a new file is a new
+profile; the submission package stays free of pre-training code."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+
+import mim_nnunet.submission as submission_pkg
+from mim_nnunet.submission.profiles import (
+    Case,
+    ProfileError,
+    available_profiles,
+    load_profile,
+    model_variables,
+)
+
+
+def case_for(profile, file_name):
+    m = profile.match(file_name)
+    assert m is not None, f"{profile.name} does not accept {file_name}"
+    groups = {k: v for k, v in m.groupdict().items() if v is not None}
+    return Case(groups["case"], (Path(file_name),), groups, ".nii.gz")
+
+
+@pytest.mark.parametrize(
+    "profile,image,expected",
+    [
+        ("generic", "liver_007_0000.nii.gz", "liver_007.nii.gz"),
+        ("generic", "scan_12.nii.gz", "scan_12.nii.gz"),
+        ("msd", "hippocampus_267.nii.gz", "Task04_Hippocampus/hippocampus_267.nii.gz"),
+        ("msd", "hippocampus_267_0000.nii.gz", "Task04_Hippocampus/hippocampus_267.nii.gz"),
+        ("btcv", "img0061.nii.gz", "label0061.nii.gz"),
+        ("btcv", "img0061_0000.nii.gz", "label0061.nii.gz"),
+        ("amos22", "amos_0507.nii.gz", "amos_0507.nii.gz"),
+        ("amos", "amos_0507_0000.nii.gz", "amos_0507.nii.gz"),
+        ("flare22", "FLARETs_0001_0000.nii.gz", "FLARETs_0001.nii.gz"),
+        ("flare", "FLARE22_Tr_0042_0000.nii.gz", "FLARE22_Tr_0042.nii.gz"),
+        ("flare23", "FLARE23Ts_0001_0000.nii.gz", "FLARE23Ts_0001.nii.gz"),
+        ("kits23", "case_00400_0000.nii.gz", "case_00400.nii.gz"),
+        ("kits23", "case_00400.nii.gz", "case_00400.nii.gz"),
+    ],
+)
+def test_output_names(profile, image, expected):
+    p = load_profile(profile)
+    variables = model_variables("Dataset004_Hippocampus")
+    assert p.output_relpath(case_for(p, image), variables) == expected
+
+
+@pytest.mark.parametrize(
+    "profile,image",
+    [
+        ("btcv", "label0061.nii.gz"),
+        ("amos22", "amos_61.nii.gz"),
+        ("kits23", "case_400.nii.gz"),
+        ("flare22", "x.nii.gz"),
+    ],
+)
+def test_foreign_names_are_rejected(profile, image):
+    assert load_profile(profile).match(image) is None
+
+
+def test_every_shipped_profile_is_documented_and_loads():
+    names = available_profiles()
+    assert {"generic", "msd", "btcv", "amos22", "flare22", "kits23"} <= set(names)
+    for name, path in names.items():
+        p = load_profile(name)
+        assert p.name == name == path.stem
+        assert len(p.source) > 40, f"{name}: say where the convention comes from"
+        assert p.dtype == "uint8"
+
+
+@pytest.mark.parametrize(
+    "profile,n_labels,some",
+    [
+        ("btcv", 14, {6: "liver", 11: "pancreas"}),
+        ("amos22", 16, {15: "prostate/uterus"}),
+        ("flare22", 14, {1: "liver", 13: "left kidney"}),
+        ("flare23", 15, {14: "tumor"}),
+        ("kits23", 4, {1: "kidney", 2: "tumor", 3: "cyst"}),
+    ],
+)
+def test_label_sets(profile, n_labels, some):
+    p = load_profile(profile)
+    assert set(p.labels) == set(range(n_labels))
+    assert all(p.labels[k] == v for k, v in some.items())
+    assert p.allowed_labels() == set(range(n_labels))
+
+
+def test_model_label_set_and_label_map():
+    p = load_profile("generic")
+    assert p.allowed_labels({"background": 0, "a": 1, "b": 2}) == {0, 1, 2}
+    with pytest.raises(ProfileError, match="label set from the model"):
+        p.allowed_labels()
+
+
+def test_adding_a_profile_is_adding_a_file(tmp_path):
+    spec = {
+        "name": "mychallenge",
+        "source": "made up for this test: predictions pred_<num>.mha from scan<num>_0000.nii.gz, labels 0/5",
+        "input": {"pattern": "(?P<case>scan(?P<num>\\d+))_(?P<channel>\\d{4})\\.nii\\.gz"},
+        "output": {"name": "pred_{num}", "folder": "segs", "file_ending": ".mha", "dtype": "uint8"},
+        "labels": {"0": "background", "5": "lesion"},
+        "label_map": {"1": 5},
+    }
+    path = tmp_path / "mychallenge.json"
+    path.write_text(json.dumps(spec))
+    p = load_profile(path)
+    assert p.output_relpath(case_for(p, "scan12_0000.nii.gz")) == "segs/pred_12.mha"
+    assert p.allowed_labels() == {0, 5} and p.map_label(1) == 5
+
+
+def test_bad_profiles_fail_with_the_field_named(tmp_path):
+    base = {"name": "x", "source": "s", "input": {"pattern": "(?P<id>.+)"}, "output": {"name": "{case}"}}
+    (tmp_path / "a.json").write_text(json.dumps(base))
+    with pytest.raises(ProfileError, match="no named group 'case'"):
+        load_profile(tmp_path / "a.json")
+    base["input"]["pattern"] = "(?P<case>.+)\\.nii\\.gz"
+    base["output"]["dtype"] = "float32"
+    (tmp_path / "b.json").write_text(json.dumps(base))
+    with pytest.raises(ProfileError, match="output.dtype"):
+        load_profile(tmp_path / "b.json")
+    with pytest.raises(ProfileError, match="unknown profile"):
+        load_profile("no_such_challenge")
+
+
+def test_msd_layout_needs_the_task_variable():
+    p = load_profile("msd")
+    with pytest.raises(ProfileError, match="msd_task"):
+        p.output_relpath(case_for(p, "hippocampus_267.nii.gz"))
+    assert model_variables("Dataset010_Colon")["msd_task"] == "Task10_Colon"
+
+
+def test_cases_group_channels(tmp_path):
+    for name in ("b_0001.nii.gz", "b_0000.nii.gz", "a_0000.nii.gz", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    cases = load_profile("generic").collect_cases(tmp_path)
+    assert [(c.case_id, [p.name for p in c.images]) for c in cases] == [
+        ("a", ["a_0000.nii.gz"]),
+        ("b", ["b_0000.nii.gz", "b_0001.nii.gz"]),
+    ]
+    (tmp_path / "c_0001.nii.gz").write_bytes(b"")
+    with pytest.raises(ProfileError, match="case c: channels \\[1\\]"):
+        load_profile("generic").collect_cases(tmp_path)
+
+
+FORBIDDEN = (
+    "mim_nnunet.model",
+    "mim_nnunet.pretrain",
+    "mim_nnunet.masking",
+    "mim_nnunet.losses",
+    "mim_nnunet.checkpoint",
+    "mim_nnunet.nnunet",
+    "mim_nnunet.data",
+)
+
+
+def test_submission_imports_no_pretraining_code():
+    root = Path(submission_pkg.__file__).parent
+    files = [*root.rglob("*.py"), root.parent / "cli" / "submit.py"]
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module if node.level == 0 else "mim_nnunet.submission." + node.module]
+            for n in names:
+                assert not n.startswith(FORBIDDEN), f"{f.name} imports {n}"
