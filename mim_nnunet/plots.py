@@ -99,7 +99,7 @@ def plot_reconstruction(views: dict[str, torch.Tensor], title: str, path: str | 
         slices = {"axial (z)": vol[d // 2], "coronal (y)": vol[:, h // 2], "sagittal (x)": vol[:, :, w // 2]}
         for row, (axis_name, img) in enumerate(slices.items()):
             ax = axes[row, col]
-            ax.imshow(img.numpy(), cmap=GREY, vmin=0.0, vmax=1.0, origin="lower")
+            ax.imshow(img.numpy(), cmap=GREY, vmin=0.0, vmax=1.0, origin="upper" if row == 0 else "lower")
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:

@@ -297,13 +297,10 @@ def main(argv: list[str] | None = None) -> int:
         cache = Path(args.cache) if args.cache else out / "cache"
         if dist.is_main and not (args.resume and (cache / "fingerprint.json").is_file()):
             try:
-                report = preprocess_corpus(
-                    args.input, cache, settings, args.preprocess_workers, args.progress
-                )
+                preprocess_corpus(args.input, cache, settings, args.preprocess_workers, args.progress)
             except (ValueError, RuntimeError) as e:
                 log.error("%s", e)
                 return 2
-            log.info("%s", report.summary())
         barrier(dist)
         if args.preprocess_only:
             log.info("preprocess only: the cache is %s (fingerprint.json, skipped.txt)", cache)
