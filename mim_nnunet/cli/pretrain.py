@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     # Heavy imports after argument parsing: --help stays instant.
     from ..data.loader import CropDataset
     from ..data.preprocess import PreprocessSettings, load_fingerprint, preprocess_corpus
-    from ..pretrain.distributed import barrier, init_distributed, shutdown
+    from ..pretrain.distributed import any_rank, init_distributed, shutdown
     from ..pretrain.run import run_pretraining, setup_logging
 
     dist = init_distributed(args.device)
@@ -295,13 +295,15 @@ def main(argv: list[str] | None = None) -> int:
         spacing = args.spacing * 3 if len(args.spacing) == 1 else args.spacing
         settings = PreprocessSettings(spacing=tuple(spacing), window=tuple(args.window))
         cache = Path(args.cache) if args.cache else out / "cache"
+        failed = False
         if dist.is_main and not (args.resume and (cache / "fingerprint.json").is_file()):
             try:
                 preprocess_corpus(args.input, cache, settings, args.preprocess_workers, args.progress)
             except (ValueError, RuntimeError) as e:
                 log.error("%s", e)
-                return 2
-        barrier(dist)
+                failed = True
+        if any_rank(failed, dist):  # also the barrier: the other ranks wait here for rank 0's cache
+            return 2
         if args.preprocess_only:
             log.info("preprocess only: the cache is %s (fingerprint.json, skipped.txt)", cache)
             return 0

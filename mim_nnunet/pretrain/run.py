@@ -23,6 +23,7 @@ import logging
 import signal
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -332,6 +333,9 @@ def run_pretraining(
 
     net = model
     if dist.enabled:
+        # The 1x1x1 conv weights' gradients come out channels-last, so DDP copies them into its buckets: harmless
+        # (a few small tensors), but it warns on every rank at the first step.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         net = DistributedDataParallel(
             model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
         )
