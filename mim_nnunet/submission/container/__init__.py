@@ -1,0 +1,1 @@
+"""Container entry point for challenges that run submissions as Docker images (see Dockerfile beside it)."""
