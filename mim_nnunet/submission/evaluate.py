@@ -26,6 +26,7 @@ from nnunetv2.evaluation.evaluate_predictions import compute_tp_fp_fn_tn, region
 from scipy import ndimage
 
 from .profiles import IMAGE_ENDINGS
+from .validate import check_geometry
 
 
 def surface(mask: np.ndarray) -> np.ndarray:
@@ -121,12 +122,9 @@ def evaluate_folders(
         rel = r.relative_to(ref_dir).as_posix()
         ref_arr, ref_img = _read(r)
         pred_arr, pred_img = _read(pred_dir / rel)
-        if pred_arr.shape != ref_arr.shape:
-            raise ValueError(f"{rel}: prediction shape {pred_arr.shape} != reference {ref_arr.shape}")
-        if not np.allclose(pred_img.GetSpacing(), ref_img.GetSpacing(), rtol=1e-5):
-            raise ValueError(
-                f"{rel}: prediction spacing {pred_img.GetSpacing()} != reference {ref_img.GetSpacing()}"
-            )
+        mismatch = check_geometry(pred_img, ref_img)
+        if mismatch:
+            raise ValueError(f"{rel}: prediction does not lie on the reference grid: " + "; ".join(mismatch))
         loaded.append((rel, ref_arr, pred_arr, ref_img.GetSpacing()[::-1]))
     if labels is None:
         labels = sorted({int(v) for _, ref_arr, _, _ in loaded for v in np.unique(ref_arr)} - {0})
