@@ -58,32 +58,34 @@ def test_no_valid_input_is_a_clear_error(tmp_path, caplog):
 def test_tiny_pretraining_end_to_end_and_resume(phantom_cache, tmp_path):
     corpus, cache = phantom_cache
     run = tmp_path / "run"
-    args = ["-i", corpus, "-o", str(run), "--cache", str(cache), "--max-steps", "2", "--save-every", "1",
-            "--num-workers", "1", *TINY]  # fmt: skip
+    args = ["-i", corpus, "-o", str(run), "--cache", str(cache), "--max-steps", "3", "--stop-after", "2",
+            "--save-every", "1", "--num-workers", "1", *TINY]  # fmt: skip
     assert main(args) == 0
-    for name in ("checkpoint_final.safetensors", "checkpoint_latest.safetensors", "resume_state.pt", "train.log",
-                 "progress.png", "config.json", "metrics.jsonl"):  # fmt: skip
+    for name in ("checkpoint_latest.safetensors", "resume_state.pt", "train.log", "progress.png", "config.json",
+                 "metrics.jsonl"):  # fmt: skip
         assert (run / name).is_file(), name
     for step in (1, 2):
         for level in (1, 2, 3):
             assert (run / "previews" / f"step_{step:05d}_level{level}.png").stat().st_size > 1000
+    assert read_metadata(run / "checkpoint_latest.safetensors").step == 2
+    assert not (run / "checkpoint_final.safetensors").exists()  # the schedule is not complete
+
+    # Options fixed by the run cannot change on resume; --stop-after belonged to the first invocation only.
+    with pytest.raises(SystemExit, match="batch_size"):
+        main(["-o", str(run), "--resume", "--batch-size", "2"])
+    assert main(["-o", str(run), "--resume", "--no-progress"]) == 0
     state, meta = load_checkpoint(run / "checkpoint_final.safetensors")
-    assert meta.preset == "tiny" and meta.step == 2 and meta.crop_size == 64 and meta.input_size == 32
+    assert meta.preset == "tiny" and meta.step == 3 and meta.crop_size == 64 and meta.input_size == 32
     assert meta.spacing == [1.5, 1.5, 1.5] and meta.intensity_window == [-1000.0, 1000.0]
     assert meta.corpus["num_cases"] == 3 and meta.code_version
     assert any(k.startswith("encoder.") for k in state)
-    assert "finished" in (run / "train.log").read_text()
-
-    # Resume with a longer schedule; options fixed by the run cannot change.
-    with pytest.raises(SystemExit, match="batch_size"):
-        main(["-o", str(run), "--resume", "--batch-size", "2"])
-    assert main(["-o", str(run), "--resume", "--max-steps", "3", "--no-progress"]) == 0
-    assert read_metadata(run / "checkpoint_final.safetensors").step == 3
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [
         1,
         2,
         3,
     ]
+    log = (run / "train.log").read_text()
+    assert "stopped at step 2 of 3" in log and "finished" in log
 
 
 @pytest.mark.slow

@@ -34,6 +34,7 @@ resume_state.pt, train.log, metrics.jsonl, progress.png, previews/ and config.js
 """
 
 # Options that may change when a run is resumed; the others are fixed by the run's config.json.
+PER_INVOCATION = {"stop_after", "progress"}
 RESUMABLE = {
     "max_steps",
     "epochs",
@@ -263,7 +264,8 @@ def _resume_args(args: argparse.Namespace, given: set[str], out: Path) -> argpar
             "start a new run in another folder instead"
         )
     for k, v in opts.items():
-        if k not in given or k not in RESUMABLE:
+        # stop_after and progress belong to one invocation; the rest is the run's unless given again.
+        if k not in PER_INVOCATION and (k not in given or k not in RESUMABLE):
             setattr(args, k, v)
     args.input, args.cache = data["inputs"], data["cache"]
     args.spacing, args.window = data["spacing"], data["window"]

@@ -232,6 +232,9 @@ def _data_position(order: CropOrder, opts: RunOptions, dist: DistInfo, step: int
         "world_size": dist.world_size,
         "seed": opts.seed,
         "steps_per_epoch": order.steps_per_epoch,
+        # where the stream of crops continues (derived from the step; recorded for people, checked on resume)
+        "epoch": step // order.steps_per_epoch,
+        "crops_into_epoch_per_rank": (step % order.steps_per_epoch) * order.per_step,
     }
 
 
