@@ -143,3 +143,14 @@ def test_ddp_two_processes_end_with_equal_parameters(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["derived"]["world_size"] == 2 and config["derived"]["effective_batch"] == 2
     assert all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path))
+
+
+class NaNCrops(RandomCrops):
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.full((1, self.crop, self.crop, self.crop), float("nan"))
+
+
+def test_non_finite_loss_stops_with_a_clear_error_before_updating(tmp_path):
+    with pytest.raises(FloatingPointError, match="step 0: the loss is nan"):
+        run_pretraining(tmp_path, tiny_options(max_steps=2), NaNCrops(), DATA, DistInfo())
+    assert not (tmp_path / "checkpoint_latest.safetensors").exists()

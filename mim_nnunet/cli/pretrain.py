@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--grad-checkpointing",
         action="store_true",
-        help="recompute activations in backward: less memory, about a third more compute",
+        help="recompute activations in backward: less memory, more compute",
     )
     g = p.add_argument_group("optimisation (mim_method.md section 5)")
     g.add_argument(
@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue the run in RUN exactly where it stopped, with its config.json; only "
         f"{', '.join('--' + o.replace('_', '-') for o in sorted(RESUMABLE - {'progress'}))} "
-        "may change",
+        "may change (and --device, --preprocess-workers, which are never stored)",
     )
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bar")
     return p
