@@ -233,3 +233,24 @@ def test_parallel_workers_match_serial(tmp_path, phantom_corpus):
         assert np.array_equal(
             read_volume(case_paths(tmp_path / "a", c)[0]), read_volume(case_paths(tmp_path / "b", c)[0])
         )
+
+
+def test_unexpected_error_in_one_case_does_not_end_the_run(tmp_path, phantom_corpus, monkeypatch):
+    import mim_nnunet.data.preprocess as pp
+
+    real = pp.resample_data_or_seg_to_shape
+    calls = []
+
+    def flaky(data, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("boom\nsecond line")
+        return real(data, *args, **kwargs)
+
+    monkeypatch.setattr(pp, "resample_data_or_seg_to_shape", flaky)
+    report = preprocess_corpus(
+        [str(p) for p in phantom_corpus], tmp_path / "cache", num_workers=0, progress=False
+    )
+    assert len(report.cases) == 2 and len(report.skipped) == 1
+    assert report.skipped[0][1] == "error: ValueError: boom second line"
+    assert len(list((tmp_path / "cache" / "cases").glob("*.b2nd"))) == 2  # nothing half-written left behind
