@@ -269,7 +269,7 @@ def test_container_entry_runs_locally(nnunet_env, tmp_path):
         "MIM_SUBMIT_MODEL": str(model),
         "MIM_SUBMIT_PROFILE": "flare22",
         "MIM_SUBMIT_DEVICE": "cpu",
-        "MIM_SUBMIT_ARGS": "--disable-tta -np 0",
+        "MIM_SUBMIT_ARGS": "--disable-tta -np 1",  # -np >= 1: nnU-Net's worker-process path
         "MIM_SUBMIT_MANIFEST": str(tmp_path / "manifest.json"),
     }
     proc = subprocess.run(
