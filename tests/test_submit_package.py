@@ -141,6 +141,43 @@ def test_label_map_and_dtype(setup, tmp_path):
     assert not (out2 / "submission.zip").exists()
 
 
+def test_map_labels_by_name(setup, tmp_path):
+    images, model, _ = setup  # model labels: background 0, a 1, b 2
+    prof = tmp_path / "named.json"
+    spec = {
+        "name": "named",
+        "source": "test",
+        "input": {"pattern": "(?P<case>.+)_(?P<channel>\\d{4})\\.nii\\.gz"},
+        "output": {"name": "{case}.nii.gz"},
+        "labels": {"0": "Background", "7": "B", "9": "A"},
+    }
+    prof.write_text(json.dumps(spec))
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "-i",
+                str(images),
+                "-m",
+                str(model),
+                "-o",
+                str(out),
+                "--profile",
+                str(prof),
+                "--map-labels-by-name",
+            ]
+        )
+        == 0
+    )
+    seg = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "predictions" / "synth_000.nii.gz")))
+    assert set(np.unique(seg).tolist()) == {0, 7, 9} and seg[1, 1, 1] == 9 and seg[3, 3, 3] == 7
+    assert json.loads((out / "manifest.json").read_text())["inference"]["label_map"] == {
+        "0": 0,
+        "1": 9,
+        "2": 7,
+    }
+
+
 def test_validation_failure_writes_no_zip(setup, tmp_path, capsys):
     images, model, broken = setup
     broken.add("synth_002")

@@ -170,3 +170,21 @@ def test_submission_imports_no_pretraining_code():
                 names = [node.module if node.level == 0 else "mim_nnunet.submission." + node.module]
             for n in names:
                 assert not n.startswith(FORBIDDEN), f"{f.name} imports {n}"
+
+
+def test_label_map_by_name_between_challenges():
+    """A model trained with FLARE22's numbering, submitted to BTCV: same organs, other values."""
+    flare_model = {
+        "background": 0,
+        "Liver": 1,
+        "right_kidney": 2,
+        "Spleen": 3,
+        "gall-bladder": 9,
+        "Duodenum": 12,
+    }
+    btcv = load_profile("btcv")
+    with pytest.raises(ProfileError, match=r"Duodenum \(12\)"):
+        btcv.label_map_by_name(flare_model)
+    assert btcv.label_map_by_name(flare_model, keep={12}) == {0: 0, 1: 6, 2: 2, 3: 1, 9: 4}
+    with pytest.raises(ProfileError, match="no label names"):
+        load_profile("generic").label_map_by_name(flare_model)

@@ -90,6 +90,12 @@ def submit_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", type=_int_list, help="allowed label values for --check-only without a model")
     p.add_argument("--label-map", type=_label_map, help="model value -> challenge value, e.g. 1:6,2:3")
     p.add_argument(
+        "--map-labels-by-name",
+        action="store_true",
+        help="map the model's labels to the profile's by name (dataset.json names vs profile names); "
+        "--label-map entries take precedence",
+    )
+    p.add_argument(
         "--var",
         type=_var,
         action="append",
@@ -180,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             step_size=args.step_size,
             num_processes=args.num_processes,
             label_map=args.label_map,
+            map_labels_by_name=args.map_labels_by_name,
             user_vars=user_vars,
             overwrite=args.overwrite,
             argv=["mim_nnunet_submit", *argv],

@@ -84,6 +84,7 @@ def submit(
     step_size: float = 0.5,
     num_processes: int = 2,
     label_map: dict[int, int] | None = None,
+    map_labels_by_name: bool = False,
     user_vars: dict[str, str] | None = None,
     overwrite: bool = False,
     argv: list[str] | None = None,
@@ -94,6 +95,9 @@ def submit(
     for note in setup.notes:
         log.warning(note)
     variables = template_variables(setup, user_vars)
+    if map_labels_by_name:
+        explicit = label_map or {}
+        label_map = {**profile.label_map_by_name(setup.dataset_json["labels"], set(explicit)), **explicit}
     # Resolve every output name before predicting: a template error must not cost an inference run.
     relpaths = {c.case_id: profile.output_relpath(c, variables) for c in cases}
     prepare_output(out_dir, overwrite)

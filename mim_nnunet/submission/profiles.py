@@ -193,6 +193,38 @@ class Profile:
     def map_label(self, value: int) -> int:
         return self.label_map.get(value, value)
 
+    def label_map_by_name(self, model_labels: dict[str, int], keep: set[int] = frozenset()) -> dict[int, int]:
+        """{model value: challenge value} pairing the model's label names with the profile's.
+
+        Names compare case-, space-, '_' and '-'-insensitively ("Gall_Bladder" = "gallbladder"). Challenges
+        number the same organs differently (BTCV liver 6, FLARE22 liver 1); this is the map between them.
+        Model values in ``keep`` are left to an explicit map. An unmatched name is an error.
+        """
+        if self.labels is None:
+            raise ProfileError(
+                f"profile '{self.name}' has no label names to match (its labels come from the model)"
+            )
+        by_name = {_norm(n): v for v, n in self.labels.items()}
+        out, unmatched = {}, []
+        for name, value in model_labels.items():
+            value = _label_value(value)
+            if value in keep:
+                continue
+            if _norm(name) in by_name:
+                out[value] = by_name[_norm(name)]
+            else:
+                unmatched.append(f"{name} ({value})")
+        if unmatched:
+            raise ProfileError(
+                f"profile '{self.name}': model labels {unmatched} have no namesake among {sorted(self.labels.values())}; "
+                "map them with --label-map SRC:DST"
+            )
+        return out
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[\s_\-]+", "", name).lower()
+
 
 def _label_value(v) -> int:
     # dataset.json labels are ints, or tuples for region-based training (the first entry is the written value).
