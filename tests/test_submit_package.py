@@ -56,6 +56,8 @@ def setup(tmp_path, monkeypatch):
         out = work_dir / "fake"
         out.mkdir(parents=True)
         for c in cases:
+            if f"skip:{c.case_id}" in broken:
+                continue
             ref = sitk.ReadImage(str(c.reference_image))
             seg = np.zeros(ref.GetSize()[::-1], np.uint8)
             seg[1:3, 1:3, 1:3] = 1
@@ -187,6 +189,15 @@ def test_validation_failure_writes_no_zip(setup, tmp_path, capsys):
     report = json.loads((out / "validation.json").read_text())
     assert report["ok"] is False
     assert "synth_002.nii.gz: spacing (1.0, 1.0, 1.0) != image (0.8, 0.8, 2.5)" in capsys.readouterr().out
+
+
+def test_case_without_nnunet_output_is_reported_missing(setup, tmp_path, capsys):
+    images, model, broken = setup
+    broken.add("skip:synth_001")
+    out = tmp_path / "out"
+    assert main(["-i", str(images), "-m", str(model), "-o", str(out)]) == 1
+    assert not (out / "submission.zip").exists()
+    assert "synth_001.nii.gz: missing: no prediction for case synth_001" in capsys.readouterr().out
 
 
 def test_existing_output_needs_overwrite(setup, tmp_path):

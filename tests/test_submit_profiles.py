@@ -188,3 +188,19 @@ def test_label_map_by_name_between_challenges():
     assert btcv.label_map_by_name(flare_model, keep={12}) == {0: 0, 1: 6, 2: 2, 3: 1, 9: 4}
     with pytest.raises(ProfileError, match="no label names"):
         load_profile("generic").label_map_by_name(flare_model)
+
+
+def test_two_cases_on_one_output_name_is_an_error(tmp_path):
+    from mim_nnunet.submission.pipeline import check_distinct_outputs
+
+    spec = {
+        "name": "lossy",
+        "source": "test: a template that drops the distinguishing part of the name",
+        "input": {"pattern": "(?P<case>(?P<site>[a-z]+)_\\d+)\\.nii\\.gz"},
+        "output": {"name": "{site}.nii.gz"},
+    }
+    (tmp_path / "lossy.json").write_text(json.dumps(spec))
+    p = load_profile(tmp_path / "lossy.json")
+    relpaths = {c: p.output_relpath(case_for(p, f"{c}.nii.gz")) for c in ("mri_1", "mri_2")}
+    with pytest.raises(ProfileError, match="cases mri_1 and mri_2 would both be written to mri.nii.gz"):
+        check_distinct_outputs(relpaths, p)

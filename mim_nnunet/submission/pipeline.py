@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .package import build_manifest, convert_prediction, sha256_file, write_manifest, write_zip
 from .predict import InferenceSetup, resolve_models, run_inference
-from .profiles import Case, Profile, model_variables
+from .profiles import Case, Profile, ProfileError, model_variables
 from .validate import ValidationReport, validate_predictions
 
 log = logging.getLogger(__name__)
@@ -60,8 +60,21 @@ def prepare_output(out_dir: Path, overwrite: bool) -> None:
             f"{out_dir} already holds a submission ({', '.join(p.name for p in present)}); pass --overwrite"
         )
     for p in present:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def check_distinct_outputs(relpaths: dict[str, str], profile: Profile) -> None:
+    seen: dict[str, str] = {}
+    for case_id, rel in relpaths.items():
+        if rel in seen:
+            raise ProfileError(
+                f"profile '{profile.name}': cases {seen[rel]} and {case_id} would both be written to {rel}"
+            )
+        seen[rel] = case_id
 
 
 def template_variables(setup: InferenceSetup | None, user_vars: dict[str, str] | None) -> dict[str, str]:
@@ -100,15 +113,16 @@ def submit(
         label_map = {**profile.label_map_by_name(setup.dataset_json["labels"], set(explicit)), **explicit}
     # Resolve every output name before predicting: a template error must not cost an inference run.
     relpaths = {c.case_id: profile.output_relpath(c, variables) for c in cases}
+    check_distinct_outputs(relpaths, profile)
     prepare_output(out_dir, overwrite)
 
     final = run_inference(setup, cases, out_dir / WORK, device, tta, step_size, num_processes)
     ending = setup.dataset_json["file_ending"]
     pred_root = out_dir / PREDICTIONS
     for c in cases:
-        convert_prediction(
-            final / f"{c.case_id}{ending}", pred_root / relpaths[c.case_id], profile, label_map
-        )
+        src = final / f"{c.case_id}{ending}"
+        if src.is_file():  # a case nnU-Net did not write is reported by validation as missing
+            convert_prediction(src, pred_root / relpaths[c.case_id], profile, label_map)
 
     allowed = _allowed_after_map(profile, setup.dataset_json.get("labels"), label_map)
     report = validate_predictions(pred_root, cases, profile, allowed, variables)
