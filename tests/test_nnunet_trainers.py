@@ -39,3 +39,13 @@ def test_checkpoint_path_from_plans_or_env(monkeypatch):
     assert planned_checkpoint(plans) == ("/b/moved.safetensors", "ab")
     with pytest.raises(CheckpointError, match="no MiM checkpoint record"):
         planned_checkpoint({"plans_name": "nnUNetPlans"})
+
+
+def test_installed_trainer_folder_is_a_copy_of_trainers():
+    from pathlib import Path
+
+    import mim_nnunet.nnunet
+
+    repo = Path(__file__).resolve().parents[1] / "trainers" / "nnUNetTrainerMiM.py"
+    installed = Path(mim_nnunet.nnunet.__file__).parent / "ext_trainers" / "nnUNetTrainerMiM.py"
+    assert installed.read_text() == repo.read_text()

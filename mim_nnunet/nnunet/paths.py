@@ -1,27 +1,33 @@
 """Where the nnU-Net trainer folder is, and the one environment line that makes nnU-Net find it.
 
 ``nnUNet_extTrainer`` must name the folder with the thin trainer modules. In a source checkout / editable install
-that is the repository's ``trainers/``; an installed ``mim_nnunet_trainers`` package (if the wheel ships the folder
-under that name) wins. ``python -m mim_nnunet.nnunet.paths`` prints the ``export`` line.
+that is the repository's ``trainers/``; a regular (wheel) install has no ``trainers/``, so the package carries an
+identical copy in ``mim_nnunet/nnunet/ext_trainers/``. ``python -m mim_nnunet.nnunet.paths`` prints the
+``export`` line.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
 ENV = "nnUNet_extTrainer"
 
 
+TRAINER_MODULE = "nnUNetTrainerMiM.py"
+
+
 def trainer_folder() -> Path:
-    spec = importlib.util.find_spec("mim_nnunet_trainers")
-    if spec is not None and spec.submodule_search_locations:
-        return Path(next(iter(spec.submodule_search_locations))).resolve()
-    folder = Path(__file__).resolve().parents[2] / "trainers"
-    if not (folder / "nnUNetTrainerMiM.py").is_file():
-        raise FileNotFoundError(f"no MiM trainer folder found (looked for {folder}/nnUNetTrainerMiM.py)")
-    return folder
+    """The repository's ``trainers/`` if this package runs from a checkout, else the installed copy."""
+    for folder in (
+        Path(__file__).resolve().parents[2] / "trainers",
+        Path(__file__).resolve().parent / "ext_trainers",
+    ):
+        if (folder / TRAINER_MODULE).is_file():
+            return folder
+    raise FileNotFoundError(
+        f"no MiM trainer folder found (looked for {TRAINER_MODULE} in trainers/ and ext_trainers/)"
+    )
 
 
 def ensure_ext_trainer(environ: dict | None = None) -> str:
