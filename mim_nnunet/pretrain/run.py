@@ -61,8 +61,9 @@ PROGRESS = "progress.png"
 PREVIEWS = "previews"
 RESUME_FORMAT = 1
 
-# Measured with benchmarks/bench_precision.py on the project's 2-core AVX-512 CPU: bf16 autocast is several
-# times slower than fp32 there (and mim_method.md §8 found the same for `base`), so `auto` means fp32 on CPU.
+# Measured with benchmarks/bench_precision.py on the project's 2-core AVX-512 CPU: bf16 autocast took 1.99x the
+# fp32 step time for `small` and 7.6x for `tiny` (docs/pretraining.md); mim_method.md §8 found it slower for
+# `base` too. So `auto` means fp32 on CPU.
 CPU_AUTO_PRECISION = "fp32"
 WARMUP_FRACTION = 0.05  # the paper warms up 40 of 800 epochs (mim_method.md §5)
 
