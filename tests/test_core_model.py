@@ -205,3 +205,21 @@ def test_overfits_one_sample():
         first = first or losses[0]
     late = sum(losses[-20:]) / 20
     assert late <= 0.5 * first, (first, late)
+
+
+def test_fast_cpu_depthwise_conv_matches_autograd():
+    from mim_nnunet.model.layers import DepthwiseConv3d
+
+    torch.manual_seed(11)
+    conv = DepthwiseConv3d(3, 5).double()
+    x = torch.randn(2, 3, 6, 7, 8, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 3, 6, 7, 8, dtype=torch.float64)
+    (conv(x) * g).sum().backward()
+    ours = (x.grad.clone(), conv.weight.grad.clone(), conv.bias.grad.clone())
+    x.grad = None
+    conv.zero_grad()
+    ref = F.conv3d(x, conv.weight, conv.bias, padding=2, groups=3)
+    assert torch.allclose(conv(x), ref)
+    (ref * g).sum().backward()
+    for a, b in zip(ours, (x.grad, conv.weight.grad, conv.bias.grad)):
+        assert torch.allclose(a, b, atol=1e-9), (a - b).abs().max()

@@ -35,6 +35,61 @@ class Downsample(nn.Sequential):
         super().__init__(nn.Conv3d(in_dim, out_dim, kernel_size=2, stride=2), LayerNorm3d(out_dim, eps=1e-6), nn.GELU())
 
 
+class _DepthwiseConv3dCPU(torch.autograd.Function):
+    """Depthwise "same" conv (stride 1, odd kernel) with a fast CPU backward.
+
+    PyTorch's CPU backward of a depthwise Conv3d is pathologically slow (measured on the 2-core CPU, a
+    (21, 24, 32^3) tensor with a 5^3 kernel: 131 s for forward + backward in NCDHW, 13.8 s in channels-last).
+    The same maths through faster kernels: forward and input-gradient as channels-last depthwise convs (the input
+    gradient is the conv of the output gradient with the flipped kernel), the weight gradient as an FFT
+    cross-correlation summed over the batch. Together about 1.5 s for that tensor; identical results up to
+    float rounding (tested against autograd in float64).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        pad = weight.shape[-1] // 2
+        xc = x.contiguous(memory_format=torch.channels_last_3d)
+        return F.conv3d(xc, weight, bias, padding=pad, groups=x.shape[1]).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        k = weight.shape[-1]
+        pad = k // 2
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            gc = grad.contiguous(memory_format=torch.channels_last_3d)
+            grad_x = F.conv3d(gc, weight.flip(2, 3, 4), padding=pad, groups=x.shape[1]).contiguous()
+        if ctx.needs_input_grad[1]:
+            # grad_w[c, a, b, e] = sum_n,p xpad[n, c, p + (a, b, e)] * grad[n, c, p]: a cross-correlation whose
+            # lags 0..k-1 never wrap around an FFT of the padded size.
+            dtype = torch.promote_types(x.dtype, torch.float32)  # FFTs need at least float32
+            xp = F.pad(x.to(dtype), (pad,) * 6)
+            gp = F.pad(grad.to(dtype), (0, 2 * pad) * 3)
+            dims = (2, 3, 4)
+            spec = (torch.fft.rfftn(xp, dim=dims) * torch.fft.rfftn(gp, dim=dims).conj()).sum(0)
+            corr = torch.fft.irfftn(spec, s=xp.shape[2:], dim=(1, 2, 3))
+            grad_w = corr[:, :k, :k, :k].unsqueeze(1).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.sum(dim=(0, 2, 3, 4))
+        return grad_x, grad_w, grad_b
+
+
+class DepthwiseConv3d(nn.Conv3d):
+    """``nn.Conv3d(dim, dim, k, padding=k // 2, groups=dim)`` with the fast CPU path above (same parameters)."""
+
+    def __init__(self, dim: int, kernel_size: int = 5):
+        super().__init__(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dtype == self.weight.dtype:
+            return _DepthwiseConv3dCPU.apply(x, self.weight, self.bias)
+        return super().forward(x)
+
+
 class ConvBlock(nn.Module):
     """``x + PW(DW5(visible * PW(LN(x))))`` then ``x + MLP(LN(x))`` with 1x1x1 convs.
 
@@ -46,7 +101,7 @@ class ConvBlock(nn.Module):
         super().__init__()
         self.norm1 = LayerNorm3d(dim, eps=1e-6)
         self.pw1 = nn.Conv3d(dim, dim, 1)
-        self.dw = nn.Conv3d(dim, dim, 5, padding=2, groups=dim)
+        self.dw = DepthwiseConv3d(dim, 5)
         self.pw2 = nn.Conv3d(dim, dim, 1)
         self.norm2 = LayerNorm3d(dim, eps=1e-6)
         hidden = int(dim * mlp_ratio)
