@@ -10,9 +10,11 @@ from mim_nnunet.nnunet.trainer import (  # noqa: F401
     nnUNetTrainerMiM_100epochs,
     nnUNetTrainerMiM_250epochs,
     nnUNetTrainerMiM_debug,
+    nnUNetTrainerMiM_demo,
     nnUNetTrainerMiM_scratch,
     nnUNetTrainerMiM_scratch_50epochs,
     nnUNetTrainerMiM_scratch_100epochs,
     nnUNetTrainerMiM_scratch_250epochs,
     nnUNetTrainerMiM_scratch_debug,
+    nnUNetTrainerMiM_scratch_demo,
 )

@@ -161,6 +161,27 @@ class nnUNetTrainerMiM_scratch_debug(nnUNetTrainerMiM_debug):
     load_pretrained = False
 
 
+class nnUNetTrainerMiM_demo(nnUNetTrainerMiM_debug):
+    """The debug trainer at demo length: 10 epochs of 20 iterations (5 validation iterations), no TTA mirroring."""
+
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = DEFAULT_DEVICE,
+    ):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 10
+        self.num_iterations_per_epoch = 20
+        self.num_val_iterations_per_epoch = 5
+
+
+class nnUNetTrainerMiM_scratch_demo(nnUNetTrainerMiM_demo):
+    load_pretrained = False
+
+
 # Length variants (nnU-Net's default is 1000 epochs of 250 iterations); warm-up stays 5 % of the run.
 class nnUNetTrainerMiM_50epochs(nnUNetTrainerMiM):
     def __init__(self, plans, configuration, fold, dataset_json, device=DEFAULT_DEVICE):
