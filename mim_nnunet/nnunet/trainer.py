@@ -107,12 +107,15 @@ class nnUNetTrainerMiM(nnUNetTrainer):
         self.print_to_log_file(str(report))
 
     def on_train_start(self):
-        super().on_train_start()
-        # Only a fresh run loads the encoder: --c resumes from nnU-Net's own checkpoint (current_epoch > 0).
+        if not self.was_initialized:
+            self.initialize()
+        # Before nnU-Net starts its data-loader workers, so that a bad checkpoint fails with its own message first.
+        # Only a fresh run loads the encoder: --c resumes from nnU-Net's checkpoint (current_epoch > 0).
         if self.load_pretrained and self.current_epoch == 0:
             self.load_pretrained_weights()
         elif not self.load_pretrained:
             self.print_to_log_file("MiM: training from scratch (no pre-trained weights)")
+        super().on_train_start()
 
     def on_train_epoch_start(self):
         self._iteration_in_epoch = 0
