@@ -10,7 +10,7 @@ token reshape) and allocator slack are covered by :data:`ACTIVATION_FACTOR`. Par
 Calibration (benchmarks/bench_finetune.py, which reports both): peak RSS of an fp32 CPU training process minus
 its RSS before the network was built, batch 2 at 64^3, against this model with factor 1 (context included):
 tiny 0.64 GiB measured / 0.85 estimated, small 1.38 / 1.67, base 2.30 / 2.62
-(benchmarks/results/finetune.json). fp32 is conservative for CUDA,
+(benchmarks/bench_finetune.py, run of 2026-11-28, docs/benchmarks.md). fp32 is conservative for CUDA,
 where nnU-Net trains under AMP (half-size conv activations); no GPU was available to calibrate there.
 """
 
