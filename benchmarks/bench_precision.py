@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
             "--steps",
             str(a.steps),
         ] + (["--threads", str(a.threads)] if a.threads else [])
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, encoding="utf-8", errors="replace").stdout
         results[precision] = json.loads(out.strip().splitlines()[-1])
         r = results[precision]
         print(

@@ -70,7 +70,7 @@ def main(argv=None) -> None:
         pair = {}
         for batched in (True, False):
             spec = dict(preset=preset, batched=batched, steps=steps, batch=args.batch, checkpointing=ckpt, threads=args.threads)
-            res = subprocess.run([sys.executable, __file__, "--_child", json.dumps(spec)], capture_output=True, text=True)
+            res = subprocess.run([sys.executable, __file__, "--_child", json.dumps(spec)], capture_output=True, text=True, encoding="utf-8", errors="replace")
             if res.returncode:
                 sys.exit(f"measurement {spec} failed:\n{res.stderr[-3000:]}")
             pair[batched] = json.loads(res.stdout.strip().splitlines()[-1])

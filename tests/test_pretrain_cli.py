@@ -94,7 +94,7 @@ def test_sigint_saves_and_exits_cleanly(phantom_cache, tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "mim_nnunet.cli.pretrain", "-i", corpus, "-o", str(run), "--cache", str(cache),
            "--max-steps", "1000", "--save-every", "1000", "--num-workers", "1", *TINY]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace")
     metrics = run / "metrics.jsonl"
     deadline = time.time() + 240
     while not (metrics.is_file() and metrics.read_text().count("\n") >= 1):

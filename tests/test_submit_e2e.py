@@ -277,6 +277,8 @@ def test_container_entry_runs_locally(nnunet_env, tmp_path):
         env=env,
         capture_output=True,
         text=True,
+        encoding="utf-8",
+        errors="replace",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["synth_100.nii.gz", "synth_101.nii.gz"]

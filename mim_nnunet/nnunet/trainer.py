@@ -165,10 +165,7 @@ class nnUNetTrainerMiM_scratch_debug(nnUNetTrainerMiM_debug):
 
 
 class nnUNetTrainerMiM_demo(nnUNetTrainerMiM_debug):
-    """The debug trainer at demo length: 10 epochs of 20 iterations (5 validation iterations), no TTA mirroring.
-
-    lr 1e-3 instead of the recipe's 1e-4: 200 iterations are far too few for the paper's rate to get anywhere.
-    """
+    """The debug trainer at demo length: 10 epochs of 20 iterations (5 validation iterations), no TTA mirroring."""
 
     def __init__(
         self,
@@ -182,7 +179,6 @@ class nnUNetTrainerMiM_demo(nnUNetTrainerMiM_debug):
         self.num_epochs = 10
         self.num_iterations_per_epoch = 20
         self.num_val_iterations_per_epoch = 5
-        self.initial_lr = 1e-3
 
 
 class nnUNetTrainerMiM_scratch_demo(nnUNetTrainerMiM_demo):
