@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..losses import alignment_loss, reconstruction_loss
 from ..masking import LevelInput, mask_in_mask, octant_tokens
@@ -72,7 +73,7 @@ class MAEDecoder(nn.Module):
         x = full + self.pos_embed.to(full.dtype)
         for block in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
         feats = self.norm(x)
