@@ -24,7 +24,7 @@ def peak_rss_gb() -> float:
     return float("nan")
 
 
-def run_one(preset: str, batched: bool, steps: int, batch: int, checkpointing: bool, threads: int) -> dict:
+def run_one(preset: str, batched: bool, steps: int, batch: int, checkpointing: bool, threads: int, chunk: int) -> dict:
     import torch
 
     import mim_nnunet as mim
@@ -32,7 +32,7 @@ def run_one(preset: str, batched: bool, steps: int, batch: int, checkpointing: b
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = mim.build_pretraining_model(preset, batch_levels=batched, grad_checkpointing=checkpointing)
+    model = mim.build_pretraining_model(preset, batch_levels=batched, grad_checkpointing=checkpointing, checkpoint_chunk=chunk)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
     crops = torch.rand(batch, 1, model.crop_size, model.crop_size, model.crop_size, generator=torch.Generator().manual_seed(0))
     times = []
@@ -56,6 +56,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=1, help="samples (crops of 2S) per step")
     p.add_argument("--checkpointing", choices=["auto", "on", "off"], default="auto",
                    help="activation checkpointing; auto = on for base only")
+    p.add_argument("--chunk", type=int, default=4, help="volumes per checkpointed conv call (with checkpointing)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.add_argument("--_child", help=argparse.SUPPRESS)
@@ -69,14 +70,14 @@ def main(argv=None) -> None:
         steps = 2 if preset == "base" else args.steps
         pair = {}
         for batched in (True, False):
-            spec = dict(preset=preset, batched=batched, steps=steps, batch=args.batch, checkpointing=ckpt, threads=args.threads)
+            spec = dict(preset=preset, batched=batched, steps=steps, batch=args.batch, checkpointing=ckpt, threads=args.threads, chunk=args.chunk)
             res = subprocess.run([sys.executable, __file__, "--_child", json.dumps(spec)], capture_output=True, text=True, encoding="utf-8", errors="replace")
             if res.returncode:
                 sys.exit(f"measurement {spec} failed:\n{res.stderr[-3000:]}")
             pair[batched] = json.loads(res.stdout.strip().splitlines()[-1])
             rows.append(pair[batched])
             r = pair[batched]
-            print(f"{preset:5s} {'batched' if batched else 'level-by-level':14s} ckpt={ckpt!s:5s} "
+            print(f"{preset:5s} {'batched' if batched else 'level-by-level':14s} ckpt={ckpt!s:5s} chunk={args.chunk} "
                   f"step {r['step_s']:.2f} s (first {r['first_step_s']:.2f} s)  peak RSS {r['peak_rss_gb']:.2f} GB", flush=True)
         print(f"{preset:5s} ratio batched / level-by-level: time {pair[True]['step_s'] / pair[False]['step_s']:.2f}, "
               f"peak RSS {pair[True]['peak_rss_gb'] / pair[False]['peak_rss_gb']:.2f}", flush=True)
