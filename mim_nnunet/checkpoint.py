@@ -138,8 +138,8 @@ def check_state_dict(
     source: str | os.PathLike, loaded: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], ignore: tuple[str, ...] = ()
 ) -> None:
     """Raise :class:`CheckpointError` naming every missing, unexpected or wrongly shaped key."""
-    keys_l = {k for k in loaded if not k.startswith(ignore)} if ignore else set(loaded)
-    keys_e = {k for k in expected if not k.startswith(ignore)} if ignore else set(expected)
+    keys_l = {k for k in loaded if not k.startswith(ignore)}  # startswith(()) is False: nothing ignored
+    keys_e = {k for k in expected if not k.startswith(ignore)}
     problems = []
     if missing := sorted(keys_e - keys_l):
         problems.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''} ({len(missing)} in all)")
