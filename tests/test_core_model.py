@@ -225,13 +225,71 @@ def test_fast_cpu_depthwise_conv_matches_autograd():
         assert torch.allclose(a, b, atol=1e-9), (a - b).abs().max()
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("packed", [True, False])
+def test_activation_checkpointing_gives_the_same_gradients(packed):
     torch.manual_seed(12)
-    plain = mim.build_pretraining_model("tiny")
-    ckpt = mim.build_pretraining_model("tiny", grad_checkpointing=True, checkpoint_chunk=3)
+    plain = mim.build_pretraining_model("tiny", packed=packed)
+    ckpt = mim.build_pretraining_model("tiny", packed=packed, grad_checkpointing=True, checkpoint_chunk=3)
     ckpt.load_state_dict(plain.state_dict())
     crops = smooth_volume(2, 64, seed=12)
     for model in (plain, ckpt):
         model(crops, generator=torch.Generator().manual_seed(12)).loss.backward()
     for (name, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
         assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_morton_layout_groups_2x2x2_blocks_in_kernel_order():
+    from mim_nnunet.model.packed import morton_kernel_order, morton_offsets
+
+    for p in (2, 4, 8, 16):
+        off = morton_offsets(p)
+        assert off.shape == (p**3, 3) and len({tuple(o) for o in off.tolist()}) == p**3  # a permutation
+        blocks = off.view(-1, 8, 3)
+        # 8 consecutive rows share their parent voxel and enumerate its children in C order (dz*4 + dy*2 + dx)
+        assert (blocks // 2 == blocks[:, :1] // 2).all()
+        digit = (blocks % 2) @ torch.tensor([4, 2, 1])
+        assert (digit == torch.arange(8)).all()
+        assert sorted(morton_kernel_order(p).tolist()) == list(range(p**3))
+
+
+@pytest.mark.parametrize("levels,level1", [(3, "octant"), (1, "token")])
+def test_packed_execution_equals_dense(levels, level1):
+    """Visible-voxels-only execution (the default) == dense masked convolution: losses, predictions, gradients."""
+    torch.manual_seed(13)
+    kw = dict(input_size=64, levels=levels, level1_masking=level1, children_per_volume=2)  # 1 + 4 + 8 volumes a crop
+    dense = mim.build_pretraining_model("tiny", packed=False, **kw).double()
+    packed = mim.build_pretraining_model("tiny", **kw).double()
+    packed.load_state_dict(dense.state_dict())
+    assert packed.config.packed and not dense.config.packed
+    crops = smooth_volume(1 if levels > 1 else 3, 128, seed=13).double()
+    a = dense(crops, generator=torch.Generator().manual_seed(13))
+    b = packed(crops, generator=torch.Generator().manual_seed(13))
+    for k in a.losses:
+        assert torch.allclose(a.losses[k], b.losses[k], rtol=1e-10, atol=1e-12), k
+    for la, lb in zip(a.levels, b.levels):
+        assert torch.allclose(la.predictions, lb.predictions, rtol=1e-10, atol=1e-10)
+    a.loss.backward()
+    b.loss.backward()
+    for (name, pa), (_, pb) in zip(dense.named_parameters(), packed.named_parameters()):
+        assert torch.allclose(pa.grad, pb.grad, rtol=1e-8, atol=1e-12), name
+
+
+def test_packed_encoder_handles_unequal_visible_counts(model64):
+    """Volumes with different numbers of visible tokens: packed (one attention call per run, no padding) equals
+    dense (padding + key mask) at every valid position."""
+    torch.manual_seed(14)
+    x = smooth_volume(4, 64, seed=14)
+    mask = torch.zeros(4, 64)
+    for i, n in enumerate((10, 10, 37, 63)):  # runs: 2 volumes of 54 visible tokens, then 27, then 1
+        mask[i, torch.randperm(64)[:n]] = 1.0
+    dense = mim.build_pretraining_model("tiny", input_size=64, packed=False)
+    dense.load_state_dict(model64.state_dict())
+    model64.eval()
+    dense.eval()
+    with torch.no_grad():
+        z_p, ids_p, valid_p = model64.forward_encoder(x, mask)
+        z_d, ids_d, valid_d = dense.forward_encoder(x, mask)
+    assert torch.equal(ids_p, ids_d) and torch.equal(valid_p, valid_d)
+    assert valid_p.sum(1).tolist() == [54, 54, 27, 1]
+    assert torch.allclose(z_p[valid_p], z_d[valid_d], atol=1e-5)
+    assert (z_p[~valid_p] == 0).all()

@@ -59,6 +59,7 @@ class MiMConfig:
     align_weights: tuple[float, ...] = (0.1, 0.1)
     # execution (no effect on the maths)
     batch_levels: bool = True
+    packed: bool = True  # compute visible voxels/tokens only (model/packed.py); False = dense reference
     grad_checkpointing: bool = False
     checkpoint_chunk: int = 4  # volumes per checkpointed conv call: bounds the recomputation's peak memory
     extra: dict = field(default_factory=dict)

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import Block, ConvBlock, Downsample
+from .layers import Block, ConvBlock, Downsample, downsample_rows
+from .packed import PackedLayout
 from .pos_embed import sincos_pos_embed_3d
 
 
@@ -89,6 +90,41 @@ class HybridEncoder(nn.Module):
         tokens = self.token_downsample(x).flatten(2).transpose(1, 2)
         tokens = self.token_proj(tokens) + self.position_embedding(grid).to(tokens.dtype)
         return stages, tokens
+
+    def _checkpointing(self) -> bool:
+        return self.grad_checkpointing and self.training and torch.is_grad_enabled()
+
+    def forward_conv_packed(self, x: torch.Tensor, layout: PackedLayout) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """:meth:`forward_conv` computed on the visible voxels only (see :mod:`.packed`).
+
+        Returns the three conv-stage outputs as packed rows ``(K * p^3, C)`` (p = 8, 4, 2 voxels per token side)
+        and the visible tokens ``(K, D)`` (projected, position embedding added), K = ``layout.num_visible``.
+        Equal, up to float rounding, to the visible part of :meth:`forward_conv`.
+        """
+        rows = layout.gather_input(x)
+        stages = []
+        for i, (down, blocks) in enumerate(zip(self.downsamples, self.stages)):
+            rows = downsample_rows(down, rows)
+            p = 8 >> i
+            index, shape, per_volume = layout.voxel_index(p), layout.shape(p), layout.rows_per_volume(p)
+            for block in blocks:
+                if self._checkpointing():
+                    rows = checkpoint(block.forward_packed, rows, index, shape, per_volume, use_reentrant=False)
+                else:
+                    rows = block.forward_packed(rows, index, shape, per_volume)
+            stages.append(rows)
+        tokens = self.token_proj(downsample_rows(self.token_downsample, rows))
+        tokens = tokens + self.position_embedding(layout.grid)[0].to(tokens.dtype).index_select(0, layout.token)
+        return stages, tokens
+
+    def forward_blocks_packed(self, tokens: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+        """:meth:`forward_blocks` on packed ``(K, D)`` tokens: no padding, one attention call per run of volumes."""
+        for block in self.blocks:
+            if self._checkpointing():
+                tokens = checkpoint(block.forward_packed, tokens, layout.runs, layout.counts, use_reentrant=False)
+            else:
+                tokens = block.forward_packed(tokens, layout.runs, layout.counts)
+        return tokens
 
     def forward_blocks(self, tokens: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         for block in self.blocks:

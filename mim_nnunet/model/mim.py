@@ -3,9 +3,12 @@
 Methods follow the algorithm's steps (MAE-style): :meth:`forward_encoder`, :meth:`forward_decoder`,
 :meth:`forward_loss`, :meth:`forward`. By default every volume of every level goes through the encoder and
 the decoder in *one* call each (mim_method.md §3, "batch the volumes"): all levels share the input size S, so
-the conv stages and the decoder batch directly; the transformer pads the shorter visible-token lists and masks
-the padding out of attention. ``batch_levels=False`` runs one call per level (the authors' way) with the same
-weights, for benchmarks.
+the conv stages and the decoder batch directly. With ``packed`` (default) the encoder computes the visible voxels
+and tokens only, packed as rows across all volumes, with one attention call per run of volumes with equal
+visible-token counts (:mod:`.packed`); ``packed=False`` is the dense reference (masked voxels computed and
+ignored, the transformer on padded tokens with a key mask). ``batch_levels=False`` runs one call per level (the
+authors' way) with the same weights, for benchmarks. All four executions give the same results up to float
+rounding (tests/test_core_model.py).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -21,6 +25,7 @@ from ..masking import LevelInput, mask_in_mask, octant_tokens
 from .config import TOKEN_SIZE, MiMConfig
 from .encoder import HybridEncoder
 from .layers import Block
+from .packed import PackedLayout, morton_kernel_order
 from .pos_embed import sincos_pos_embed_3d
 
 
@@ -124,7 +129,11 @@ class MiMPretrainingModel(nn.Module):
 
         Returns the visible tokens ``(B, K, D)`` (fused, normed), their ids ``(B, K)`` and a validity mask
         ``(B, K)``; rows with fewer visible tokens than ``K`` are padded (``valid`` False).
+        With ``config.packed`` (default) only visible voxels and tokens are computed (:mod:`.packed`); otherwise
+        the conv stages run densely and the transformer on padded tokens with a key mask (the reference).
         """
+        if self.config.packed:
+            return self._forward_encoder_packed(x, mask)
         stages, tokens = self.encoder.forward_conv(x, mask)
         n_visible = (mask == 0).sum(dim=1)
         k = int(n_visible.max())
@@ -136,6 +145,21 @@ class MiMPretrainingModel(nn.Module):
         z = self.encoder.forward_blocks(tokens.gather(1, gather), attn_mask)
         fused = sum(f(s).flatten(2).transpose(1, 2) for f, s in zip(self.fusion, stages))
         z = self.encoder.norm(z + fused.gather(1, gather))
+        return z, ids, valid
+
+    def _forward_encoder_packed(self, x: torch.Tensor, mask: torch.Tensor):
+        layout = PackedLayout(mask, tuple(s // TOKEN_SIZE for s in x.shape[2:]))
+        stages, tokens = self.encoder.forward_conv_packed(x, layout)
+        z = self.encoder.forward_blocks_packed(tokens, layout)
+        k = z.shape[0]
+        for i, (f, rows) in enumerate(zip(self.fusion, stages)):
+            # the k = s conv of a stage is a Linear on each token's p^3 rows (Morton order, see .packed)
+            p = 8 >> i
+            w = f.weight.permute(0, 2, 3, 4, 1).reshape(f.out_channels, p**3, -1)
+            w = w.index_select(1, morton_kernel_order(p).to(w.device)).reshape(f.out_channels, -1)
+            z = z + F.linear(rows.reshape(k, -1), w, f.bias)
+        z, valid = layout.pad(self.encoder.norm(z))
+        ids = torch.argsort(mask, dim=1, stable=True)[:, : z.shape[1]]
         return z, ids, valid
 
     def forward_decoder(self, z: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor):
