@@ -293,3 +293,20 @@ def test_packed_encoder_handles_unequal_visible_counts(model64):
     assert valid_p.sum(1).tolist() == [54, 54, 27, 1]
     assert torch.allclose(z_p[valid_p], z_d[valid_d], atol=1e-5)
     assert (z_p[~valid_p] == 0).all()
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_bf16_autocast_runs_and_stays_close(packed):
+    """Mixed precision (the pre-training default on GPUs; here CPU bf16 autocast) through both executions."""
+    torch.manual_seed(15)
+    model = mim.build_pretraining_model("tiny", packed=packed)
+    crops = smooth_volume(1, 64, seed=15)
+    with torch.no_grad():
+        ref = model(crops, generator=torch.Generator().manual_seed(15)).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(crops, generator=torch.Generator().manual_seed(15))
+    out.loss.backward()
+    loss = out.loss.detach()
+    assert torch.isfinite(loss) and abs(float(loss) - float(ref)) < 0.05 * float(ref)
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
