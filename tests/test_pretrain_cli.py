@@ -73,7 +73,8 @@ def test_tiny_pretraining_end_to_end_and_resume(phantom_cache, tmp_path):
     # Options fixed by the run cannot change on resume; --stop-after belonged to the first invocation only.
     with pytest.raises(SystemExit, match="batch_size"):
         main(["-o", str(run), "--resume", "--batch-size", "2"])
-    assert main(["-o", str(run), "--resume", "--no-progress"]) == 0
+    # execution-only options may change (here: the dense reference execution for the last step)
+    assert main(["-o", str(run), "--resume", "--no-progress", "--dense-execution"]) == 0
     state, meta = load_checkpoint(run / "checkpoint_final.safetensors")
     assert meta.preset == "tiny" and meta.step == 3 and meta.crop_size == 64 and meta.input_size == 32
     assert meta.spacing == [1.5, 1.5, 1.5] and meta.intensity_window == [-1000.0, 1000.0]
@@ -112,3 +113,11 @@ def test_sigint_saves_and_exits_cleanly(phantom_cache, tmp_path):
     assert load_resume_state(run / "resume_state.pt")["step"] == steps
     assert not (run / "checkpoint_final.safetensors").exists()
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_execution_options_reach_the_model():
+    from mim_nnunet.cli.pretrain import _options as options_from_args
+
+    opts = options_from_args(build_parser().parse_args(["-i", "x", "-o", "y", "--dense-execution", "--grad-checkpointing"]))
+    assert opts.model_overrides() == {"packed": False, "grad_checkpointing": True}
+    assert options_from_args(build_parser().parse_args(["-i", "x", "-o", "y"])).model_overrides() == {}

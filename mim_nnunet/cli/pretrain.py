@@ -44,6 +44,8 @@ RESUMABLE = {
     "stop_after",
     "progress",
     "precision",
+    "grad_checkpointing",  # execution only: the maths, and so the run, stay the same
+    "dense_execution",
 }
 
 
@@ -123,8 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--grad-checkpointing",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=False,
         help="recompute activations in backward: less memory, more compute",
+    )
+    g.add_argument(
+        "--dense-execution",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="compute the masked voxels too (the reference execution, same results; about 1.6-2.3x the CPU step "
+        "time, docs/benchmarks.md). Default: visible voxels only",
     )
     g = p.add_argument_group("optimisation (mim_method.md section 5)")
     g.add_argument(

@@ -75,6 +75,7 @@ class RunOptions:
     preset: str = "base"
     levels: int | None = None  # None: the preset's (3); 1 = plain hybrid MAE, the ablation baseline
     grad_checkpointing: bool = False
+    dense_execution: bool = False  # compute masked voxels too (model packed=False): same maths, the reference
     batch_size: int = 2  # crops per micro-batch per process
     accumulate: int = 1
     max_steps: int | None = None  # optimizer steps; wins over epochs
@@ -95,6 +96,7 @@ class RunOptions:
 
     def model_overrides(self) -> dict:
         o = {"grad_checkpointing": self.grad_checkpointing} if self.grad_checkpointing else {}
+        o |= {"packed": False} if self.dense_execution else {}
         return o | ({"levels": self.levels} if self.levels is not None else {})
 
 
