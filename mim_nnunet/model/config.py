@@ -26,6 +26,9 @@ PRESETS: dict[str, dict] = {
     ),
 }
 
+# How the maths is executed, not what it computes: may differ between a checkpoint and the run resuming it.
+EXECUTION_FIELDS = ("batch_levels", "packed", "grad_checkpointing", "checkpoint_chunk")
+
 ENCODER_FIELDS = ("in_channels", "dims", "conv_depths", "depth", "num_heads", "mlp_ratio", "drop_path_rate",
                   "input_size", "grad_checkpointing", "checkpoint_chunk")
 

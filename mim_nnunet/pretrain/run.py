@@ -42,7 +42,7 @@ from ..checkpoint import (
     save_checkpoint,
     save_resume_state,
 )
-from ..model.config import TOKEN_SIZE
+from ..model.config import EXECUTION_FIELDS, TOKEN_SIZE
 from ..plots import plot_progress, save_previews
 from .distributed import DistInfo, any_rank, barrier
 from .engine import AUTOCAST, train_steps
@@ -205,8 +205,8 @@ def _restore(out: Path, model, optimizer, scaler, order: CropOrder, opts: RunOpt
     state, meta = load_checkpoint(path)
     check_state_dict(path, state, model.state_dict())
     mine = json.loads(json.dumps(model.config.to_dict()))
-    if meta.config != mine:
-        diff = sorted(k for k in set(mine) | set(meta.config) if mine.get(k) != meta.config.get(k))
+    diff = sorted(k for k in set(mine) | set(meta.config) if k not in EXECUTION_FIELDS and mine.get(k) != meta.config.get(k))
+    if diff:
         raise CheckpointError(f"{path}: written for another model configuration (differs in {diff})")
     model.load_state_dict(state)
     rs = load_resume_state(out / RESUME_STATE)
