@@ -165,7 +165,12 @@ class nnUNetTrainerMiM_scratch_debug(nnUNetTrainerMiM_debug):
 
 
 class nnUNetTrainerMiM_demo(nnUNetTrainerMiM_debug):
-    """The debug trainer at demo length: 10 epochs of 20 iterations (5 validation iterations), no TTA mirroring."""
+    """The debug trainer at demo length: 10 epochs of 20 iterations (5 validation iterations), no TTA mirroring,
+    and a learning rate for that length: 1e-2 instead of the paper's 1e-4, which is made for 1000 epochs.
+
+    Measured on the demo's phantoms, one run each (docs/finetuning.md): mean validation Dice after 200 iterations
+    0.001 at 1e-4 and at 1e-3, 0.117 at 3e-3, 0.159 at 1e-2.
+    """
 
     def __init__(
         self,
@@ -179,6 +184,7 @@ class nnUNetTrainerMiM_demo(nnUNetTrainerMiM_debug):
         self.num_epochs = 10
         self.num_iterations_per_epoch = 20
         self.num_val_iterations_per_epoch = 5
+        self.initial_lr = 1e-2
 
 
 class nnUNetTrainerMiM_scratch_demo(nnUNetTrainerMiM_demo):
