@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="tiny", choices=["tiny", "small", "base"], help="MiM preset (default tiny)")
     p.add_argument("--pretrain-steps", type=int, default=150, help="pre-training steps (default 150)")
     p.add_argument("--trainer", default="nnUNetTrainerMiM_demo",
-                   help="nnU-Net trainer for fine-tuning (default nnUNetTrainerMiM_demo: 10 epochs x 20 iterations)")
+                   help="nnU-Net trainer for fine-tuning (default nnUNetTrainerMiM_demo: 20 epochs x 20 iterations)")
     p.add_argument("--memory-target", default="0.75",
                    help="planner memory target in GB (default 0.75: a ~48x48x64 patch that trains fast on a CPU)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device for every stage (default cpu)")
