@@ -35,6 +35,30 @@ class Downsample(nn.Sequential):
         super().__init__(nn.Conv3d(in_dim, out_dim, kernel_size=2, stride=2), LayerNorm3d(out_dim, eps=1e-6), nn.GELU())
 
 
+def _depthwise_weight_grad(x: torch.Tensor, grad: torch.Tensor, k: int, channel_dim: int, chunk: int = 4) -> torch.Tensor:
+    """Weight gradient ``(C, 1, k, k, k)`` of a depthwise "same" conv, as an FFT cross-correlation.
+
+    ``grad_w[c, a, b, e] = sum_{n, p} xpad[n, c, p + (a, b, e)] * grad[n, c, p]``; with ``grad`` zero-padded to the
+    padded size, the lags 0..k-1 never wrap around. ``x`` and ``grad`` are ``(N, C, D, H, W)`` (``channel_dim=1``)
+    or channels-last ``(N, D, H, W, C)`` (``channel_dim=4``); the spectra are summed over chunks of ``chunk``
+    volumes, which bounds the transient memory.
+    """
+    pad = k // 2
+    dims = (2, 3, 4) if channel_dim == 1 else (1, 2, 3)
+    tail = () if channel_dim == 1 else (0, 0)  # F.pad lists the last dimension first
+    dtype = torch.promote_types(x.dtype, torch.float32)  # FFTs need at least float32
+    spec = None
+    for xc, gc in zip(x.split(chunk), grad.split(chunk)):
+        xp = F.pad(xc.to(dtype), tail + (pad,) * 6)
+        gp = F.pad(gc.to(dtype), tail + (0, 2 * pad) * 3)
+        part = (torch.fft.rfftn(xp, dim=dims) * torch.fft.rfftn(gp, dim=dims).conj()).sum(0)
+        spec = part if spec is None else spec.add_(part)
+    corr = torch.fft.irfftn(spec, s=[xp.shape[d] for d in dims], dim=[d - 1 for d in dims])
+    if channel_dim == 1:  # (C, D, H, W)
+        return corr[:, :k, :k, :k].unsqueeze(1)
+    return corr[:k, :k, :k].permute(3, 0, 1, 2).unsqueeze(1)  # (D, H, W, C)
+
+
 class _DepthwiseConv3dCPU(torch.autograd.Function):
     """Depthwise "same" conv (stride 1, odd kernel) with a fast CPU backward.
 
@@ -64,15 +88,7 @@ class _DepthwiseConv3dCPU(torch.autograd.Function):
             gc = grad.contiguous(memory_format=torch.channels_last_3d)
             grad_x = F.conv3d(gc, weight.flip(2, 3, 4), padding=pad, groups=x.shape[1]).contiguous()
         if ctx.needs_input_grad[1]:
-            # grad_w[c, a, b, e] = sum_n,p xpad[n, c, p + (a, b, e)] * grad[n, c, p]: a cross-correlation whose
-            # lags 0..k-1 never wrap around an FFT of the padded size.
-            dtype = torch.promote_types(x.dtype, torch.float32)  # FFTs need at least float32
-            xp = F.pad(x.to(dtype), (pad,) * 6)
-            gp = F.pad(grad.to(dtype), (0, 2 * pad) * 3)
-            dims = (2, 3, 4)
-            spec = (torch.fft.rfftn(xp, dim=dims) * torch.fft.rfftn(gp, dim=dims).conj()).sum(0)
-            corr = torch.fft.irfftn(spec, s=xp.shape[2:], dim=(1, 2, 3))
-            grad_w = corr[:, :k, :k, :k].unsqueeze(1).to(weight.dtype)
+            grad_w = _depthwise_weight_grad(x, grad, k, channel_dim=1).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum(dim=(0, 2, 3, 4))
         return grad_x, grad_w, grad_b
@@ -82,8 +98,7 @@ class _DepthwiseConv3dCL(torch.autograd.Function):
     """The same depthwise conv on a channels-last ``(N, D, H, W, C)`` tensor, returning channels-last.
 
     Used by the packed (visible-voxels-only) execution, whose features live as ``(rows, C)``. Same fast CPU
-    backward as :class:`_DepthwiseConv3dCPU`; the FFT weight gradient is accumulated over chunks of volumes to
-    bound its transient memory.
+    backward as :class:`_DepthwiseConv3dCPU`.
     """
 
     @staticmethod
@@ -105,16 +120,7 @@ class _DepthwiseConv3dCL(torch.autograd.Function):
             gx = F.conv3d(grad.permute(0, 4, 1, 2, 3), weight.flip(2, 3, 4), padding=pad, groups=x.shape[-1])
             grad_x = gx.permute(0, 2, 3, 4, 1).contiguous()
         if ctx.needs_input_grad[1]:
-            dtype = torch.promote_types(x.dtype, torch.float32)
-            dims = (1, 2, 3)
-            spec = None
-            for xc, gc in zip(x.split(4), grad.split(4)):
-                xp = F.pad(xc.to(dtype), (0, 0) + (pad,) * 6)
-                gp = F.pad(gc.to(dtype), (0, 0) + (0, 2 * pad) * 3)
-                part = (torch.fft.rfftn(xp, dim=dims) * torch.fft.rfftn(gp, dim=dims).conj()).sum(0)
-                spec = part if spec is None else spec.add_(part)
-            corr = torch.fft.irfftn(spec, s=xp.shape[1:4], dim=(0, 1, 2))  # (D, H, W, C)
-            grad_w = corr[:k, :k, :k].permute(3, 0, 1, 2).unsqueeze(1).to(weight.dtype)
+            grad_w = _depthwise_weight_grad(x, grad, k, channel_dim=4).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum(dim=(0, 1, 2, 3))
         return grad_x, grad_w, grad_b
