@@ -59,7 +59,7 @@ class HybridEncoder(nn.Module):
         return sincos_pos_embed_3d(self.dims[3], tuple(grid))[None].to(self.pos_embed)
 
     def _block(self, block: ConvBlock, x: torch.Tensor, visible: torch.Tensor | None) -> torch.Tensor:
-        if not (self.grad_checkpointing and self.training and torch.is_grad_enabled()):
+        if not self._checkpointing():
             return block(x, visible)
         # Checkpoint in chunks of volumes: the recomputation in backward then holds one chunk's activations.
         c = self.checkpoint_chunk
@@ -128,7 +128,7 @@ class HybridEncoder(nn.Module):
 
     def forward_blocks(self, tokens: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         for block in self.blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            if self._checkpointing():
                 tokens = checkpoint(block, tokens, attn_mask, use_reentrant=False)
             else:
                 tokens = block(tokens, attn_mask)
