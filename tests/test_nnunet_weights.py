@@ -1,4 +1,4 @@
-"""Loading a MiM checkpoint into the segmentation encoder: exact copy, position-embedding resampling, clear errors."""
+"""Loading a MiM checkpoint into the segmentation encoder: exact copy, the position table of the patch grid, clear errors."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 from mim_nnunet import build_pretraining_model
 from mim_nnunet.checkpoint import CheckpointError, CheckpointMetadata, save_checkpoint
-from mim_nnunet.model.pos_embed import resize_pos_embed, sincos_pos_embed_3d
+from mim_nnunet.model.pos_embed import adapt_pos_embed, resize_pos_embed, sincos_pos_embed_3d
 from mim_nnunet.model.segmentation import MiMSegmentationNetwork
 from mim_nnunet.nnunet.planner import architecture_kwargs
 from mim_nnunet.nnunet.weights import load_pretrained_encoder
@@ -49,11 +49,44 @@ def test_every_encoder_tensor_equals_the_checkpoint(ckpt):
     assert set(got) == set(src)
     for k, v in src.items():
         if k == "pos_embed":
-            assert torch.equal(got[k], resize_pos_embed(v, (2, 2, 2), (3, 4, 2)))
-            assert got[k].shape == (1, 3 * 4 * 2, v.shape[-1])
+            assert torch.equal(got[k], sincos_pos_embed_3d(v.shape[-1], (3, 4, 2))[None])
         else:
             assert torch.equal(got[k], v), k
-    assert report.tensors == len(src) and report.pos_grid_to == (3, 4, 2)
+    assert report.tensors == len(src) and report.pos_grid_to == (3, 4, 2) and report.pos_method == "recomputed"
+
+
+def test_anisotropic_patch_gets_the_sincos_table_at_integer_positions(ckpt):
+    """Issue 9: a 160 x 128 x 96 patch (token grid 10 x 8 x 6) must see the positions 0..9, 0..7, 0..5."""
+    path, model, sha = ckpt
+    patch = (160, 128, 96)
+    net = seg_net(model, patch)
+    report = load_pretrained_encoder(net, path, sha, architecture_kwargs(model.config, patch))
+    dim = model.config.dims[3]
+    want = sincos_pos_embed_3d(dim, (10, 8, 6))[None]
+    assert report.pos_grid_from == (2, 2, 2) and report.pos_grid_to == (10, 8, 6)
+    assert torch.equal(net.encoder.pos_embed, want)
+    # The old trilinear stretch of the 2^3 table is far from it: the defect this guards against.
+    stretched = resize_pos_embed(model.encoder.pos_embed, (2, 2, 2), (10, 8, 6))
+    assert (stretched - want).abs().max() > 0.5
+    # The buffer is what the forward pass adds: the unmasked encoder equals one built for that grid directly.
+    ref = MiMSegmentationNetwork(1, 4, **architecture_kwargs(model.config, patch)).encoder
+    ref.load_state_dict(net.encoder.state_dict())
+    assert torch.equal(ref.position_embedding((10, 8, 6)), net.encoder.pos_embed)
+
+
+def test_adapt_pos_embed_recomputes_sincos_and_resamples_other_tables(caplog):
+    pe = sincos_pos_embed_3d(48, (2, 2, 2))[None]
+    same, how = adapt_pos_embed(pe, (2, 2, 2), (2, 2, 2))
+    assert how == "unchanged" and torch.equal(same, pe)
+    table, how = adapt_pos_embed(pe + 1e-6, (2, 2, 2), (5, 3, 4))  # converted tables differ by ~1e-7
+    assert how == "recomputed" and torch.equal(table, sincos_pos_embed_3d(48, (5, 3, 4))[None])
+    learned = torch.randn(1, 8, 48)
+    with caplog.at_level("WARNING"):
+        table, how = adapt_pos_embed(learned, (2, 2, 2), (5, 3, 4))
+    assert how == "resampled" and torch.equal(table, resize_pos_embed(learned, (2, 2, 2), (5, 3, 4)))
+    assert "not the fixed sin-cos table" in caplog.text
+    with pytest.raises(ValueError, match="grid"):
+        adapt_pos_embed(pe, (2, 2, 3), (4, 4, 4))
 
 
 def test_same_grid_position_embedding_is_unchanged(ckpt):

@@ -2,12 +2,27 @@
 
 Owns the sin-cos tables and nothing else. The table is computable for any token grid, which fine-tuning needs
 because its patch sizes vary; every loader that adapts a position embedding to a new grid goes through
-:func:`sincos_pos_embed_3d` (there is one weight-adaptation path, as in timm).
+:func:`adapt_pos_embed` (there is one weight-adaptation path, as in timm).
+
+Why the table is recomputed, not resampled: the MiM planner keeps the pre-training spacing, so a larger patch
+covers a larger field of view with tokens of the same physical size. Token ``i`` of any grid is then at the same
+distance from token 0 as in pre-training, and the table the encoder learned to read is the sin-cos code of the
+integer positions ``0 .. n-1``. Stretching the pre-training table over the new grid (trilinear resampling) would
+encode a 10-token axis as positions 0, 0.4, 1.0, 1.6, ... 5.0 instead of 0 .. 9, and since the table is a buffer,
+fine-tuning could never repair it.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+log = logging.getLogger(__name__)
+
+# A stored table that equals the sin-cos table of its grid to this tolerance is that table (float32 rounding,
+# or a converted table computed by another implementation: ~1e-7).
+SINCOS_ATOL = 1e-4
 
 
 def _sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
@@ -41,20 +56,56 @@ def sincos_pos_embed_3d(dim: int, grid: tuple[int, int, int]) -> torch.Tensor:
     return emb.float()
 
 
+def is_sincos_table(pos_embed: torch.Tensor, grid: tuple[int, int, int]) -> bool:
+    """Whether a ``(1, L, D)`` table is the fixed sin-cos table of ``grid`` (tokens in C order)."""
+    want = sincos_pos_embed_3d(pos_embed.shape[-1], grid)
+    return pos_embed.shape[1:] == want.shape and bool(
+        torch.allclose(pos_embed[0].float(), want, atol=SINCOS_ATOL, rtol=0.0)
+    )
+
+
+def adapt_pos_embed(
+    pos_embed: torch.Tensor, old_grid: tuple[int, int, int], new_grid: tuple[int, int, int]
+) -> tuple[torch.Tensor, str]:
+    """The position table for ``new_grid`` from a checkpoint's ``(1, L, D)`` table of ``old_grid``.
+
+    Returns the table and how it was obtained: ``"unchanged"`` (same grid), ``"recomputed"`` (the checkpoint
+    holds the fixed sin-cos table, as every MiM checkpoint does: the exact table at the integer token positions of
+    the new grid) or ``"resampled"`` (any other table, e.g. a learned one: trilinear resampling, with a warning).
+    """
+    old_grid, new_grid = tuple(int(g) for g in old_grid), tuple(int(g) for g in new_grid)
+    _check_length(pos_embed, old_grid)
+    if old_grid == new_grid:
+        return pos_embed.clone(), "unchanged"
+    if is_sincos_table(pos_embed, old_grid):
+        return sincos_pos_embed_3d(pos_embed.shape[-1], new_grid)[None].to(pos_embed.dtype), "recomputed"
+    log.warning(
+        "position embedding is not the fixed sin-cos table of its grid %s: resampling it trilinearly to %s",
+        old_grid,
+        new_grid,
+    )
+    return resize_pos_embed(pos_embed, old_grid, new_grid), "resampled"
+
+
+def _check_length(pos_embed: torch.Tensor, grid: tuple[int, ...]) -> None:
+    length = pos_embed.shape[1]
+    if length != grid[0] * grid[1] * grid[2]:
+        raise ValueError(
+            f"position embedding has {length} tokens, grid {grid} needs {grid[0] * grid[1] * grid[2]}"
+        )
+
+
 def resize_pos_embed(
     pos_embed: torch.Tensor, old_grid: tuple[int, int, int], new_grid: tuple[int, int, int]
 ) -> torch.Tensor:
     """Resample a ``(1, L, D)`` position embedding from one token grid to another (trilinear, timm-style).
 
-    This is the one weight-adaptation path for position embeddings: fine-tuning on a patch whose token grid
-    differs from the pre-training grid calls it on the checkpoint's table. Same grid: an unchanged copy.
+    Only for tables that are not the fixed sin-cos table (see :func:`adapt_pos_embed`): resampling a sin-cos
+    table stretches its positions. Same grid: an unchanged copy.
     """
     old_grid, new_grid = tuple(int(g) for g in old_grid), tuple(int(g) for g in new_grid)
-    n, length, dim = pos_embed.shape
-    if length != old_grid[0] * old_grid[1] * old_grid[2]:
-        raise ValueError(
-            f"position embedding has {length} tokens, grid {old_grid} needs {old_grid[0] * old_grid[1] * old_grid[2]}"
-        )
+    _check_length(pos_embed, old_grid)
+    n, _, dim = pos_embed.shape
     if old_grid == new_grid:
         return pos_embed.clone()
     grid = pos_embed.float().transpose(1, 2).reshape(n, dim, *old_grid)

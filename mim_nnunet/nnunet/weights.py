@@ -1,8 +1,8 @@
 """Loading a MiM pre-training checkpoint into the segmentation network's encoder (mim_method.md §6).
 
 Owns the fine-tuning side of the checkpoint contract: verify (format, sha256, architecture, keys, shapes), adapt
-(position embedding resampled to the patch's token grid through :func:`resize_pos_embed`, the one adaptation path;
-stem weights repeated for multi-channel input), load. Fusion convs, MAE decoder, mask token and alignment heads
+(position embedding: the exact sin-cos table of the patch's token grid through :func:`adapt_pos_embed`, the one
+adaptation path; stem weights repeated for multi-channel input), load. Fusion convs, MAE decoder, mask token and alignment heads
 are dropped because only ``encoder.*`` tensors are read. Errors are :class:`CheckpointError` naming the file and
 what does not match.
 """
@@ -17,7 +17,7 @@ import torch
 
 from ..checkpoint import CheckpointError, CheckpointMetadata, check_state_dict, load_checkpoint
 from ..model.config import TOKEN_SIZE
-from ..model.pos_embed import resize_pos_embed
+from ..model.pos_embed import adapt_pos_embed
 from ..model.segmentation import MiMSegmentationNetwork
 
 # Encoder-shape fields of MiMConfig that must agree between checkpoint and network.
@@ -34,11 +34,12 @@ class LoadReport:
     pos_grid_from: tuple[int, ...]
     pos_grid_to: tuple[int, ...]
     stem_repeated: int  # input channels the 1-channel stem was repeated to (1 = unchanged)
+    pos_method: str = "unchanged"  # unchanged | recomputed | resampled (model/pos_embed.adapt_pos_embed)
 
     def __str__(self) -> str:
         return (
             f"MiM encoder loaded from {self.path} (preset {self.preset}, sha256 {self.sha256[:12]}...): "
-            f"{self.tensors} tensors; position embedding {self.pos_grid_from} -> {self.pos_grid_to}"
+            f"{self.tensors} tensors; position embedding {self.pos_grid_from} -> {self.pos_grid_to} ({self.pos_method})"
             + (f"; stem repeated to {self.stem_repeated} channels" if self.stem_repeated > 1 else "")
         )
 
@@ -65,21 +66,23 @@ def adapt_encoder_state(
     target: dict[str, torch.Tensor],
     target_grid: tuple[int, int, int],
     source: str,
-) -> tuple[dict[str, torch.Tensor], tuple[int, ...], int]:
-    """Resample the position embedding to ``target_grid`` and repeat the stem over input channels.
+) -> tuple[dict[str, torch.Tensor], tuple[int, ...], int, str]:
+    """Adapt the position embedding to ``target_grid`` and repeat the stem over input channels.
 
-    Returns the adapted state, the checkpoint's token grid and the channel count the stem was repeated to.
+    Returns the adapted state, the checkpoint's token grid, the channel count the stem was repeated to and how the
+    position table was obtained (see :func:`adapt_pos_embed`).
     """
     state = dict(encoder_state)
     size = md.config.get("input_size", md.input_size)
     old_grid = (size // TOKEN_SIZE,) * 3
+    pos_method = "unchanged"
     if "pos_embed" in state:
         if state["pos_embed"].shape[1] != old_grid[0] * old_grid[1] * old_grid[2]:
             raise CheckpointError(
                 f"{source}: pos_embed has {state['pos_embed'].shape[1]} tokens, the metadata's input_size {size} "
                 f"implies the grid {old_grid}"
             )
-        state["pos_embed"] = resize_pos_embed(state["pos_embed"], old_grid, target_grid)
+        state["pos_embed"], pos_method = adapt_pos_embed(state["pos_embed"], old_grid, target_grid)
     repeated = 1
     if STEM_KEY in state and STEM_KEY in target:
         have, want = state[STEM_KEY].shape[1], target[STEM_KEY].shape[1]
@@ -87,7 +90,7 @@ def adapt_encoder_state(
             # Same response to an image repeated over all channels as the 1-channel stem to that image.
             state[STEM_KEY] = state[STEM_KEY].repeat(1, want, 1, 1, 1) / want
             repeated = want
-    return state, old_grid, repeated
+    return state, old_grid, repeated, pos_method
 
 
 def load_pretrained_encoder(
@@ -113,7 +116,7 @@ def load_pretrained_encoder(
         raise CheckpointError(f"{path}: no tensors under the encoder prefix {prefix!r}")
     target = network.encoder.state_dict()
     grid = tuple(network.encoder.pos_grid)
-    adapted, old_grid, repeated = adapt_encoder_state(encoder_state, md, target, grid, str(path))
+    adapted, old_grid, repeated, pos_method = adapt_encoder_state(encoder_state, md, target, grid, str(path))
     check_state_dict(path, adapted, target)
     network.encoder.load_state_dict(adapted, strict=True)
-    return LoadReport(str(path), md.weights_sha256, md.preset, len(adapted), old_grid, grid, repeated)
+    return LoadReport(str(path), md.weights_sha256, md.preset, len(adapted), old_grid, grid, repeated, pos_method)
