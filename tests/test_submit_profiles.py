@@ -235,6 +235,9 @@ def test_region_model_with_other_numbering_maps_by_region_membership():
     unknown = {"labels": {"background": 0, "organ": [1, 2], "part": 2}, "regions_class_order": [1, 2]}
     with pytest.raises(ProfileError, match=r"model regions \['organ \[1, 2\]', 'part \[2\]'\]"):
         load_profile("kits23").label_map_by_name(unknown)
+    bad_order = {**KITS_REGION_MODEL, "regions_class_order": [1, 3, 7]}
+    with pytest.raises(ProfileError, match=r"writes \[7\], which no model region contains"):
+        load_profile("kits23").label_map_by_name(bad_order)
 
 
 # ---- case naming (point 8) --------------------------------------------------------------------------------------

@@ -373,7 +373,13 @@ class Profile:
                     f"{'no' if not dst else 'several'} challenge labels {dst}; map it with --label-map"
                 )
             out[v] = dst[0]
-        return {v: out[v] for v in written_labels(model_dataset).values()}
+        written = written_labels(model_dataset).values()
+        stray = sorted(set(written) - set(out))
+        if stray:
+            raise ProfileError(
+                f"profile '{self.name}': regions_class_order writes {stray}, which no model region contains"
+            )
+        return {v: out[v] for v in written}
 
 
 def check_relpath(rel: str, what: str) -> str:
