@@ -27,6 +27,7 @@ from mim_nnunet.cli.submit import main
 pytestmark = pytest.mark.slow
 
 TRAINERS = Path(__file__).parent / "submit_fixtures" / "trainers"
+REPO = Path(__file__).parents[1]
 DATASET_ID, DATASET = 901, "Dataset901_SubmitTest"
 TRAINER_FOLDER = "nnUNetTrainerSubmitTest__nnUNetPlans__3d_fullres"
 
@@ -198,7 +199,7 @@ def test_msd_full_run_then_check_only_and_evaluate(nnunet_env, tmp_path, capsys)
     summary = tmp_path / "summary.json"
     assert main(["evaluate", "-p", str(task), "-r", str(labels), "--tolerance", "2", "-o", str(summary)]) == 0
     result = json.loads(summary.read_text())
-    assert result["n_cases"] == 2 and result["labels"] == [1, 2]
+    assert result["n_cases"] == 2 and [t["key"] for t in result["targets"]] == ["1", "2"]
     for m in ("Dice", "NSD"):
         v = result["foreground_mean"][m]
         assert v is None or 0.0 <= v <= 1.0
@@ -258,22 +259,30 @@ def test_ensemble_with_find_best_configuration_postprocessing(nnunet_env, tmp_pa
 
 
 def test_container_entry_runs_locally(nnunet_env, tmp_path):
+    """FLARE's convention with a real model: `/bin/bash -c "sh predict.sh"` in a workspace holding inputs/."""
     root, model, images, _ = nnunet_env
-    out = tmp_path / "output"
+    workspace = tmp_path / "workspace"  # stands for the image's /workspace
+    (workspace / "inputs").mkdir(parents=True)
+    for p in images.iterdir():
+        shutil.copy(p, workspace / "inputs" / p.name)
+    shutil.copy(REPO / "mim_nnunet" / "submission" / "container" / "predict.sh", workspace / "predict.sh")
     env = {
         **os.environ,
         **_env(root),
         "nnUNet_n_proc_DA": "0",
-        "MIM_SUBMIT_INPUT": str(images),
-        "MIM_SUBMIT_OUTPUT": str(out),
+        "MIM_SUBMIT_ROOT": str(workspace),
+        "MIM_SUBMIT_PYTHON": sys.executable,
         "MIM_SUBMIT_MODEL": str(model),
         "MIM_SUBMIT_PROFILE": "flare22",
         "MIM_SUBMIT_DEVICE": "cpu",
         "MIM_SUBMIT_ARGS": "--disable-tta -np 1",  # -np >= 1: nnU-Net's worker-process path
         "MIM_SUBMIT_MANIFEST": str(tmp_path / "manifest.json"),
     }
+    for var in ("MIM_SUBMIT_INPUT", "MIM_SUBMIT_OUTPUT", "MIM_SUBMIT_WORK"):
+        env.pop(var, None)
     proc = subprocess.run(
-        [sys.executable, "-m", "mim_nnunet.submission.container.entry"],
+        ["/bin/bash", "-c", "sh predict.sh"],
+        cwd=workspace,
         env=env,
         capture_output=True,
         text=True,
@@ -281,6 +290,7 @@ def test_container_entry_runs_locally(nnunet_env, tmp_path):
         errors="replace",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    out = workspace / "outputs"
     assert sorted(p.name for p in out.iterdir()) == ["synth_100.nii.gz", "synth_101.nii.gz"]
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["profile"]["name"] == "flare22"

@@ -169,3 +169,14 @@ def test_challenge_label_set_from_profile(tmp_path):
     seg[0, 0, 3] = 0
     write(preds / "case_00400.nii.gz", seg)
     assert main(["-i", str(images), "--profile", "kits23", "--check-only", str(preds)]) == 0
+
+
+def test_check_only_reports_stray_non_image_files(folders, capsys):
+    images, preds = folders
+    (preds / "notes.txt").write_text("todo")
+    (preds / ".DS_Store").write_bytes(b"\0")
+    args = ["-i", str(images), "--profile", "generic", "--check-only", str(preds), "--labels", "0,1,2"]
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert "notes.txt: unexpected file (not a prediction; remove it)" in out
+    assert ".DS_Store: unexpected file" in out

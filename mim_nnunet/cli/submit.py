@@ -2,7 +2,8 @@
 
     mim_nnunet_submit -i IMAGES -m MODEL [-m MODEL2 ...] --profile msd -o OUT [--device cpu|cuda]
     mim_nnunet_submit -i IMAGES --profile kits23 --check-only PRED_DIR [-m MODEL | --labels 0,1,2,3]
-    mim_nnunet_submit evaluate -p PRED_DIR -r REF_DIR --tolerance 2 [--labels 1,2] [-o summary.json]
+    mim_nnunet_submit evaluate -p PRED_DIR -r REF_DIR --profile kits23 [-o summary.json]
+    mim_nnunet_submit evaluate -p PRED_DIR -r REF_DIR --tolerance 2 [--labels 1,2+3] [--empty one]
     mim_nnunet_submit profiles
 
 Exit codes: 0 valid / done, 1 validation failed (nothing zipped), 2 bad arguments, profile or model.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 
 from mim_nnunet.submission.evaluate import evaluate_folders, format_table, save_result
@@ -20,6 +22,25 @@ from mim_nnunet.submission.predict import ModelError
 from mim_nnunet.submission.profiles import ProfileError, available_profiles, load_profile
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+
+TRUST = (
+    "Only use model folders and post-processing files you trust: loading a model runs nnU-Net's "
+    "torch.load(..., weights_only=False) on each checkpoint and unpickles postprocessing.pkl, and unpickling can "
+    "execute arbitrary code."
+)
+
+
+def _profile_names() -> str:
+    return ", ".join(sorted(available_profiles()))
+
+
+def _target_list(text: str) -> list[str]:
+    items = [v.strip() for v in text.split(",") if v.strip()]
+    if not items or not all(re.fullmatch(r"\d+(\+\d+)*", v) for v in items):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated labels or '+'-joined regions (e.g. 1,2+3), got {text!r}"
+        )
+    return items
 
 
 def _int_list(text: str) -> list[int]:
@@ -48,7 +69,8 @@ def submit_parser() -> argparse.ArgumentParser:
         prog="mim_nnunet_submit",
         description="Predict test images with trained nnU-Net model(s) and package a validated challenge "
         "submission (predictions in the profile's format, a zip, a manifest). Subcommands: "
-        "'evaluate' (Dice + NSD against references), 'profiles' (list shipped profiles).",
+        "'evaluate' (Dice + NSD against references, as a challenge scores them), 'profiles' (list the shipped "
+        "profiles with their sources and rules). " + TRUST,
     )
     p.add_argument("-i", "--images", required=True, help="folder of test images")
     p.add_argument(
@@ -57,10 +79,13 @@ def submit_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         help="trained model folder (Trainer__Plans__config), repeat to ensemble; or "
-        "inference_information.json / the results folder of nnUNetv2_find_best_configuration",
+        "inference_information.json / the results folder of nnUNetv2_find_best_configuration. "
+        "Trusted folders only: their checkpoints are loaded with torch.load(weights_only=False)",
     )
     p.add_argument(
-        "--profile", default="generic", help="profile name (see 'profiles') or a profile .json file"
+        "--profile",
+        default="generic",
+        help=f"profile name ({_profile_names()}; details: 'mim_nnunet_submit profiles') or a profile .json file",
     )
     p.add_argument("-o", "--output", help="output folder (predictions/, submission.zip, manifest.json)")
     p.add_argument(
@@ -73,7 +98,7 @@ def submit_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--postprocessing",
         help="postprocessing.pkl to apply, or 'none' (default: nnU-Net's "
-        "determined post-processing when find_best_configuration produced one)",
+        "determined post-processing when find_best_configuration produced one). It is unpickled: trusted files only",
     )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
     p.add_argument("--disable-tta", action="store_true", help="no mirroring test-time augmentation")
@@ -103,7 +128,12 @@ def submit_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="template variable for the profile's names (e.g. msd_task=Task04_Hippocampus)",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier submission in -o")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier submission in -o once the new one has validated (it is kept until then, and "
+        "kept if the new run fails; the failed run goes to -o/failed_run/)",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -111,13 +141,34 @@ def submit_parser() -> argparse.ArgumentParser:
 def evaluate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mim_nnunet_submit evaluate",
-        description="Dice and normalised surface Dice per label and mean. Files are matched by relative path.",
+        description="Dice and normalised surface Dice (DeepMind's surface-distance library, as KiTS23 and FLARE "
+        "use it) per target and mean. Files are matched by relative path. With --profile the challenge's targets "
+        "(labels or regions), per-target tolerances and empty-mask rules apply.",
     )
     p.add_argument("-p", "--pred", required=True, help="predictions folder")
     p.add_argument("-r", "--ref", required=True, help="reference segmentations folder")
-    p.add_argument("--tolerance", type=float, required=True, help="NSD tolerance in mm")
     p.add_argument(
-        "--labels", type=_int_list, help="labels to score (default: non-zero values in the references)"
+        "--profile",
+        help=f"score as this challenge does ({', '.join(n for n in sorted(available_profiles()))} or a .json); "
+        "profiles without an evaluation block only give the labels",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        help="NSD tolerance in mm for every target (required without a profile that has per-target tolerances; "
+        "overrides them with one)",
+    )
+    p.add_argument(
+        "--labels",
+        type=_target_list,
+        help="targets to score: labels and '+'-joined regions, e.g. 1,2+3 (default: the profile's targets, else "
+        "the non-zero values in the references)",
+    )
+    p.add_argument(
+        "--empty",
+        choices=["nan", "one"],
+        help="both masks empty: 'one' scores 1 (KiTS23, FLARE), 'nan' leaves the case out of the mean "
+        "(nnU-Net); default: the profile's, else nan",
     )
     p.add_argument("--allow-missing", action="store_true", help="skip references without a prediction")
     p.add_argument("-o", "--output", help="write the full result as JSON")
@@ -127,7 +178,12 @@ def evaluate_parser() -> argparse.ArgumentParser:
 def _run_evaluate(argv: list[str]) -> int:
     args = evaluate_parser().parse_args(argv)
     try:
-        result = evaluate_folders(args.pred, args.ref, args.tolerance, args.labels, args.allow_missing)
+        spec = load_profile(args.profile).evaluation if args.profile else None
+        if args.profile and spec is None and args.tolerance is None:
+            raise ProfileError(f"profile {args.profile!r} has no evaluation block: pass --tolerance MM")
+        result = evaluate_folders(
+            args.pred, args.ref, args.tolerance, args.labels, args.allow_missing, spec=spec, empty=args.empty
+        )
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -141,7 +197,20 @@ def _run_profiles() -> int:
     for name, path in sorted(available_profiles().items()):
         prof = load_profile(path)
         labels = "from the model" if prof.labels is None else f"{len(prof.labels)} values"
-        print(f"{name:10s} {prof.title}  [labels: {labels}]  {path}")
+        print(f"{name} - {prof.title}  [labels: {labels}]")
+        print(f"    file: {path}")
+        print(f"    source: {prof.source}")
+        if prof.evaluation is not None:
+            tols = ", ".join(
+                f"{t.name} {t.tolerance_mm:g}" if t.tolerance_mm is not None else f"{t.name} (--tolerance)"
+                for t in prof.evaluation.targets
+            )
+            print(f"    scoring: empty={prof.evaluation.empty}, NSD tolerances mm: {tols}")
+        if prof.container is not None:
+            print(f"    container: {prof.container.command}")
+        for rule in prof.rules:
+            print(f"    rule: {rule}")
+    print(TRUST)
     return EXIT_OK
 
 

@@ -1,85 +1,134 @@
-"""Scoring predictions against references: Dice (nnU-Net's counting) and normalised surface Dice (NSD).
+"""Scoring predictions against references as the challenges score them: Dice and normalised surface Dice (NSD).
 
-Dice uses nnU-Net's own ``region_or_label_to_mask`` / ``compute_tp_fp_fn_tn`` so numbers agree with
-``nnUNetv2_evaluate_folder``, including its convention that a label absent from both files scores NaN and is
-left out of the means. NSD (Nikolov et al., 2021, "Clinically applicable segmentation of head and neck anatomy
-for radiotherapy") is the fraction of both surfaces that lies within ``tolerance`` mm of the other surface:
+NSD (Nikolov et al., 2021) is computed by DeepMind's ``surface-distance`` library (PyPI ``surface-distance``),
+the implementation KiTS23 installs for its official metrics and FLARE22/23 ship a copy of
+(``FLARE22/Evaluation/SurfaceDice.py``). Its surface is made of surface elements on the voxel corners, each
+weighted by its area in mm^2 at the image spacing; NSD is the area of both surfaces within ``tolerance`` mm of
+the other surface over the total area. Using the library rather than a re-implementation makes our numbers the
+challenges' numbers.
 
-    NSD = (|{a in S_P : d(a, S_R) <= tol}| + |{r in S_R : d(r, S_P) <= tol}|) / (|S_P| + |S_R|)
+What a challenge adds around the two metrics comes from its profile (``evaluation`` block, see profiles.py):
 
-Here a surface S is the set of a mask's voxels that have a face neighbour outside the mask (the image border
-counts as outside), and d is the Euclidean distance between voxel centres in mm (anisotropic spacing), computed
-with scipy's exact distance transform. No PyPI package with a maintained, small NSD implementation exists
-(DeepMind's surface-distance is not published there; MONAI would pull a framework in for one function), so the
-few lines live here and are tested against closed-form answers in tests/test_submit_nsd.py.
+- targets: single labels or hierarchical regions (KiTS23: kidney_and_mass {1,2,3}, mass {2,3}, tumor {2}), each
+  with its own NSD tolerance (FLARE: liver 5 mm ... duodenum 7 mm);
+- empty masks: ``"one"`` (KiTS23, FLARE: both empty -> Dice 1 and NSD 1, one empty -> 0 and 0) or ``"nan"``
+  (nnU-Net's ``evaluate_folder``: a label absent from both files is NaN and left out of the means);
+- ``nsd_zero_below_dice`` (FLARE: NSD is 0 when Dice is below 0.2; FLARE23 during the challenge: 0.1);
+- ``reference_z_range`` (FLARE: aorta, IVC and oesophagus are scored only on the slices [first, last) that the
+  reference labels along the third voxel axis; the official slicing leaves the last labelled slice out, and so
+  does this code);
+- ``mean_excludes`` (FLARE23's organ mean leaves the lesion out).
+
+Without a profile the conventions are nnU-Net's (Dice via ``compute_tp_fp_fn_tn``, NaN for both-empty).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from nnunetv2.evaluation.evaluate_predictions import compute_tp_fp_fn_tn, region_or_label_to_mask
-from scipy import ndimage
+import surface_distance
+from nnunetv2.evaluation.evaluate_predictions import compute_tp_fp_fn_tn
 
-from .profiles import IMAGE_ENDINGS
+from .profiles import IMAGE_ENDINGS, EvaluationSpec, Target
 from .validate import check_geometry
 
-
-def surface(mask: np.ndarray) -> np.ndarray:
-    """Voxels of ``mask`` with at least one face neighbour outside it (outside the array counts as outside)."""
-    mask = mask.astype(bool)
-    structure = ndimage.generate_binary_structure(mask.ndim, 1)
-    return mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=0)
+# surface-distance 0.1 imports correlate/distance_transform_edt through scipy.ndimage.filters/.morphology, which
+# SciPy deprecates (removed in SciPy 2.0; pyproject pins scipy<2). The numbers are unaffected.
+_SCIPY_NAMESPACE_WARNING = r"Please import .* from the `scipy\.ndimage` namespace"
 
 
-def _crop_to_union(ref: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    # Distances between the two surfaces do not depend on voxels outside both masks; one voxel of margin keeps
-    # the crop border from turning interior voxels into surface.
-    where = np.argwhere(ref | pred)
-    lo = np.maximum(where.min(0) - 1, 0)
-    hi = np.minimum(where.max(0) + 2, ref.shape)
-    sl = tuple(slice(a, b) for a, b in zip(lo, hi))
-    return ref[sl], pred[sl]
+def _check_empty(empty: str) -> None:
+    if empty not in ("nan", "one"):
+        raise ValueError(f"empty-mask convention {empty!r}: expected 'nan' or 'one'")
 
 
-def normalized_surface_dice(ref: np.ndarray, pred: np.ndarray, spacing, tolerance_mm: float) -> float:
-    """NSD of two boolean masks (array axis order, ``spacing`` in the same order). NaN if both are empty."""
+def normalized_surface_dice(
+    ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float], tolerance_mm: float, empty: str = "nan"
+) -> float:
+    """NSD of two boolean masks (array axis order, ``spacing`` in the same order) by DeepMind's surface-distance.
+
+    Both empty: NaN (``empty="nan"``) or 1 (``"one"``); one empty: 0."""
+    _check_empty(empty)
     ref, pred = ref.astype(bool), pred.astype(bool)
     if ref.shape != pred.shape:
         raise ValueError(f"shape {pred.shape} of the prediction != reference {ref.shape}")
-    has_ref, has_pred = ref.any(), pred.any()
+    has_ref, has_pred = bool(ref.any()), bool(pred.any())
     if not has_ref and not has_pred:
-        return math.nan
+        return math.nan if empty == "nan" else 1.0
     if not has_ref or not has_pred:
         return 0.0
-    ref, pred = _crop_to_union(ref, pred)
-    s_ref, s_pred = surface(ref), surface(pred)
-    # distance_transform_edt measures to the nearest zero: zeros at the other mask's surface voxels.
-    d_to_ref = ndimage.distance_transform_edt(~s_ref, sampling=spacing)
-    d_to_pred = ndimage.distance_transform_edt(~s_pred, sampling=spacing)
-    close = np.count_nonzero(d_to_ref[s_pred] <= tolerance_mm) + np.count_nonzero(
-        d_to_pred[s_ref] <= tolerance_mm
-    )
-    return float(close / (np.count_nonzero(s_ref) + np.count_nonzero(s_pred)))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_SCIPY_NAMESPACE_WARNING, category=DeprecationWarning)
+        distances = surface_distance.compute_surface_distances(ref, pred, tuple(float(s) for s in spacing))
+    return float(surface_distance.compute_surface_dice_at_tolerance(distances, float(tolerance_mm)))
 
 
-def dice(ref: np.ndarray, pred: np.ndarray) -> float:
-    """nnU-Net's Dice: 2TP / (2TP + FP + FN), NaN if the label is in neither mask."""
+def dice(ref: np.ndarray, pred: np.ndarray, empty: str = "nan") -> float:
+    """nnU-Net's Dice 2TP / (2TP + FP + FN); both masks empty: NaN (``"nan"``) or 1 (``"one"``)."""
+    _check_empty(empty)
     tp, fp, fn, _ = compute_tp_fp_fn_tn(ref.astype(bool), pred.astype(bool))
-    return math.nan if tp + fp + fn == 0 else float(2 * tp / (2 * tp + fp + fn))
+    if tp + fp + fn == 0:
+        return math.nan if empty == "nan" else 1.0
+    return float(2 * tp / (2 * tp + fp + fn))
 
 
-def score_case(ref_seg: np.ndarray, pred_seg: np.ndarray, spacing, labels, tolerance_mm: float) -> dict:
-    """{label: {"Dice": .., "NSD": ..}} for one case (arrays in the same axis order as ``spacing``)."""
-    out = {}
-    for label in labels:
-        r = region_or_label_to_mask(ref_seg, label)
-        p = region_or_label_to_mask(pred_seg, label)
-        out[int(label)] = {"Dice": dice(r, p), "NSD": normalized_surface_dice(r, p, spacing, tolerance_mm)}
+def score_target(
+    ref_seg: np.ndarray,
+    pred_seg: np.ndarray,
+    spacing: Sequence[float],
+    target: Target,
+    tolerance_mm: float,
+    empty: str = "nan",
+    nsd_zero_below_dice: float | None = None,
+) -> dict[str, float]:
+    """{"Dice", "NSD"} of one target (label or region) in one case, with the challenge's conventions."""
+    _check_empty(empty)
+    r = np.isin(ref_seg, target.labels)
+    p = np.isin(pred_seg, target.labels)
+    has_r, has_p = bool(r.any()), bool(p.any())
+    if not has_r and not has_p:
+        v = math.nan if empty == "nan" else 1.0
+        return {"Dice": v, "NSD": v}
+    if not has_r or not has_p:
+        return {"Dice": 0.0, "NSD": 0.0}
+    if target.reference_z_range:
+        if r.ndim != 3:
+            raise ValueError(f"target {target.name}: reference_z_range needs 3D images, got {r.ndim}D")
+        # SimpleITK array axis 0 = the third voxel axis (nibabel's axis 2, which FLARE's script slices).
+        z = np.flatnonzero(r.any(axis=(1, 2)))
+        r, p = r[z.min() : z.max()], p[z.min() : z.max()]
+        if not r.any() and not p.any():
+            # One labelled slice: FLARE's slice is empty and its metrics come out NaN.
+            return {"Dice": math.nan, "NSD": math.nan}
+    d = dice(r, p, "nan")
+    if nsd_zero_below_dice is not None and d < nsd_zero_below_dice:
+        return {"Dice": d, "NSD": 0.0}
+    return {"Dice": d, "NSD": normalized_surface_dice(r, p, spacing, tolerance_mm, "nan")}
+
+
+def parse_targets(specs: Sequence[int | str | Sequence[int]], tolerance_mm: float | None) -> list[Target]:
+    """Targets from ``--labels`` entries: ``3`` is a label, ``"2+3"`` or ``(2, 3)`` a region (their union)."""
+    out = []
+    for s in specs:
+        if isinstance(s, str):
+            try:
+                values = tuple(int(v) for v in s.split("+"))
+            except ValueError:
+                raise ValueError(f"target {s!r}: expected an integer label or labels joined by '+'") from None
+        elif isinstance(s, (int, np.integer)):
+            values = (int(s),)
+        else:
+            values = tuple(int(v) for v in s)
+        if not values or 0 in values:
+            raise ValueError(f"target {s!r}: labels must be non-zero")
+        key = "+".join(str(v) for v in values)
+        out.append(Target(name=key, labels=values, tolerance_mm=tolerance_mm))
     return out
 
 
@@ -96,16 +145,22 @@ def _nanmean(values) -> float:
 def evaluate_folders(
     pred_dir: str | Path,
     ref_dir: str | Path,
-    tolerance_mm: float,
-    labels: list[int] | None = None,
+    tolerance_mm: float | None = None,
+    labels: Sequence[int | str | Sequence[int]] | None = None,
     allow_missing: bool = False,
+    spec: EvaluationSpec | None = None,
+    empty: str | None = None,
 ) -> dict:
     """Score every reference file that has a prediction of the same relative path.
 
-    ``labels`` defaults to every non-zero value found in the references. A reference without prediction is an
-    error unless ``allow_missing`` (then it is listed and left out).
+    Targets: ``labels`` (labels or '+'-joined regions), else the profile ``spec``'s targets, else every non-zero
+    value found in the references. ``tolerance_mm`` overrides the spec's per-target tolerances. ``empty``
+    defaults to the spec's convention, else "nan". A reference without prediction is an error unless
+    ``allow_missing`` (then it is listed and left out).
     """
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
+    empty = empty or (spec.empty if spec else "nan")
+    _check_empty(empty)
     refs = sorted(p for p in ref_dir.rglob("*") if p.is_file() and p.name.endswith(IMAGE_ENDINGS))
     if not refs:
         raise FileNotFoundError(f"no reference images ({', '.join(IMAGE_ENDINGS)}) under {ref_dir}")
@@ -126,21 +181,53 @@ def evaluate_folders(
         if mismatch:
             raise ValueError(f"{rel}: prediction does not lie on the reference grid: " + "; ".join(mismatch))
         loaded.append((rel, ref_arr, pred_arr, ref_img.GetSpacing()[::-1]))
-    if labels is None:
-        labels = sorted({int(v) for _, ref_arr, _, _ in loaded for v in np.unique(ref_arr)} - {0})
+    if labels is not None:
+        targets = parse_targets(labels, tolerance_mm)
+    elif spec is not None and spec.targets:
+        targets = [
+            Target(
+                t.name,
+                t.labels,
+                tolerance_mm if tolerance_mm is not None else t.tolerance_mm,
+                t.reference_z_range,
+                t.aliases,
+            )
+            for t in spec.targets
+        ]
+    else:
+        found = sorted({int(v) for _, ref_arr, _, _ in loaded for v in np.unique(ref_arr)} - {0})
+        targets = parse_targets(found, tolerance_mm)
+    no_tol = [t.name for t in targets if t.tolerance_mm is None]
+    if no_tol:
+        raise ValueError(f"targets {no_tol} have no NSD tolerance: pass --tolerance MM")
+    floor = spec.nsd_zero_below_dice if spec is not None else None
+    excludes = set(spec.mean_excludes) if spec is not None else set()
     per_case = []
     for rel, ref_arr, pred_arr, spacing in loaded:
-        per_case.append(
-            {"case": rel, "metrics": score_case(ref_arr, pred_arr, spacing, labels, tolerance_mm)}
-        )
+        metrics = {
+            t.key: score_target(ref_arr, pred_arr, spacing, t, t.tolerance_mm, empty, floor) for t in targets
+        }
+        per_case.append({"case": rel, "metrics": metrics})
     mean = {
-        label: {m: _nanmean([c["metrics"][label][m] for c in per_case]) for m in ("Dice", "NSD")}
-        for label in labels
+        t.key: {m: _nanmean([c["metrics"][t.key][m] for c in per_case]) for m in ("Dice", "NSD")}
+        for t in targets
     }
-    foreground_mean = {m: _nanmean([mean[label][m] for label in labels]) for m in ("Dice", "NSD")}
+    in_mean = [t.key for t in targets if t.name not in excludes]
+    foreground_mean = {m: _nanmean([mean[k][m] for k in in_mean]) for m in ("Dice", "NSD")}
     return {
-        "tolerance_mm": tolerance_mm,
-        "labels": list(labels),
+        "targets": [
+            {
+                "key": t.key,
+                "name": t.name,
+                "labels": list(t.labels),
+                "tolerance_mm": t.tolerance_mm,
+                "reference_z_range": t.reference_z_range,
+                "in_mean": t.key in in_mean,
+            }
+            for t in targets
+        ],
+        "empty": empty,
+        "nsd_zero_below_dice": floor,
         "n_cases": len(per_case),
         "missing": missing,
         "per_case": per_case,
@@ -150,13 +237,15 @@ def evaluate_folders(
 
 
 def format_table(result: dict) -> str:
-    """A plain-text table of the per-label means and the foreground mean."""
-    tol = result["tolerance_mm"]
-    rows = [f"{'label':>8} {'Dice':>8} {f'NSD@{tol:g}mm':>12}"]
-    for label, m in result["mean"].items():
-        rows.append(f"{label:>8} {m['Dice']:>8.4f} {m['NSD']:>12.4f}")
+    """A plain-text table of the per-target means and the foreground mean."""
+    rows = [f"{'target':>24} {'tol mm':>8} {'Dice':>8} {'NSD':>8}"]
+    for t in result["targets"]:
+        m = result["mean"][t["key"]]
+        name = t["name"] if t["name"] == t["key"] else f"{t['name']} ({t['key']})"
+        flag = "" if t["in_mean"] else "  (not in mean)"
+        rows.append(f"{name:>24} {t['tolerance_mm']:>8g} {m['Dice']:>8.4f} {m['NSD']:>8.4f}{flag}")
     fm = result["foreground_mean"]
-    rows.append(f"{'mean':>8} {fm['Dice']:>8.4f} {fm['NSD']:>12.4f}")
+    rows.append(f"{'mean':>24} {'':>8} {fm['Dice']:>8.4f} {fm['NSD']:>8.4f}")
     rows.append(
         f"({result['n_cases']} cases" + (f", {len(result['missing'])} missing)" if result["missing"] else ")")
     )

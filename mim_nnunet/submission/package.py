@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import sys
 import zipfile
@@ -32,6 +33,7 @@ _PACKAGES = (
     "numpy",
     "scipy",
     "dynamic-network-architectures",
+    "surface-distance",
 )
 
 
@@ -78,17 +80,30 @@ def list_files(root: str | Path) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
 
 
-def write_zip(root: str | Path, zip_path: str | Path) -> list[str]:
-    """Zip every file under ``root`` (relative paths, sorted, fixed timestamps). Returns the member names."""
-    root = Path(root)
+def write_zip(root: str | Path, zip_path: str | Path, zip_root: str = "") -> list[str]:
+    """Zip every file under ``root`` (relative paths, sorted, fixed timestamps), each under the folder
+    ``zip_root`` when given (AMOS22 wants ``results/``). Returns the member names.
+
+    The zip is written under a temporary name beside ``zip_path`` and renamed into place only when complete, so
+    an interrupted run never leaves a truncated zip (or destroys the previous one).
+    """
+    root, zip_path = Path(root), Path(zip_path)
     names = list_files(root)
-    with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for name in names:
-            info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
-            info.compress_type = zipfile.ZIP_DEFLATED
-            info.external_attr = 0o644 << 16
-            zf.writestr(info, (root / name).read_bytes())
-    return names
+    prefix = f"{zip_root.strip('/')}/" if zip_root.strip("/") else ""
+    members = []
+    partial = zip_path.with_name(zip_path.name + ".partial")
+    try:
+        with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for name in names:
+                info = zipfile.ZipInfo(prefix + name, date_time=_ZIP_DATE)
+                info.compress_type = zipfile.ZIP_DEFLATED
+                info.external_attr = 0o644 << 16
+                zf.writestr(info, (root / name).read_bytes())
+                members.append(prefix + name)
+        os.replace(partial, zip_path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return members
 
 
 def package_versions() -> dict[str, str]:
@@ -136,7 +151,9 @@ def build_manifest(
         "platform": platform.platform(),
         "validation": validation,
         "files": files,
-        "zip": None if zip_path is None else {"path": Path(zip_path).name, "sha256": sha256_file(zip_path)},
+        "zip": None
+        if zip_path is None
+        else {"path": Path(zip_path).name, "sha256": sha256_file(zip_path), "root": profile.zip_root},
     }
     if extra:
         manifest.update(extra)

@@ -1,22 +1,26 @@
 """The submission run end to end: predict -> convert to the profile -> validate -> zip + manifest.
 
 Owns the order of the steps and the output folder layout; each step lives in its own module. Nothing is zipped
-unless every case validates.
+unless every case validates. A run works in a staging folder inside OUT and is installed only when complete, so
+an earlier submission survives a crash or a failed validation of the new run (``--overwrite``).
 
 Output folder::
 
     OUT/predictions/      the files as the challenge wants them (profile naming, folder layout, labels, dtype)
-    OUT/submission.zip    exactly the files under predictions/ (written only when validation passed)
+    OUT/submission.zip    exactly the files under predictions/, under the profile's zip_root (AMOS22: results/)
     OUT/manifest.json     per-file sha256, models, post-processing, package versions, command line
     OUT/validation.json   the per-case validation report (also on failure)
     OUT/nnunet/           nnU-Net's raw outputs (per model, ensemble, post-processed)
+    OUT/failed_run/       a later run that failed validation while an earlier submission was kept
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +44,10 @@ class OutputExistsError(FileExistsError):
     pass
 
 
+FAILED_RUN = "failed_run"
+OURS = (PREDICTIONS, ZIP, MANIFEST, VALIDATION, WORK)
+
+
 @dataclass
 class SubmitResult:
     report: ValidationReport
@@ -52,19 +60,51 @@ class SubmitResult:
         return self.report.ok
 
 
-def prepare_output(out_dir: Path, overwrite: bool) -> None:
-    ours = [out_dir / n for n in (PREDICTIONS, ZIP, MANIFEST, VALIDATION, WORK)]
-    present = [p for p in ours if p.exists()]
+def existing_submission(out_dir: Path) -> list[Path]:
+    return [out_dir / n for n in OURS if (out_dir / n).exists()]
+
+
+def prepare_output(out_dir: Path, overwrite: bool) -> bool:
+    """Check that ``out_dir`` may receive a submission; True when an earlier one is there (kept for now)."""
+    present = existing_submission(out_dir)
     if present and not overwrite:
         raise OutputExistsError(
             f"{out_dir} already holds a submission ({', '.join(p.name for p in present)}); pass --overwrite"
         )
-    for p in present:
-        if p.is_dir():
-            shutil.rmtree(p)
-        else:
-            p.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
+    return bool(present)
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    elif p.exists() or p.is_symlink():
+        p.unlink()
+
+
+def install_run(stage: Path, out_dir: Path) -> None:
+    """Replace the submission in ``out_dir`` by the complete one in ``stage`` (both on one file system).
+
+    The old files are first moved aside, then the new ones renamed in, then the old ones deleted: at no point is
+    ``out_dir`` left without one complete submission or the other."""
+    backup = Path(tempfile.mkdtemp(prefix=".mim_submit_old_", dir=out_dir))
+    try:
+        for name in (*OURS, FAILED_RUN):
+            if (out_dir / name).exists():
+                os.replace(out_dir / name, backup / name)
+        for name in OURS:
+            if (stage / name).exists():
+                os.replace(stage / name, out_dir / name)
+    except BaseException:
+        for name in (*OURS, FAILED_RUN):  # put the old submission back
+            if (backup / name).exists():
+                if (out_dir / name).exists():
+                    _remove(out_dir / name)
+                os.replace(backup / name, out_dir / name)
+        raise
+    finally:
+        shutil.rmtree(backup, ignore_errors=True)
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def check_distinct_outputs(relpaths: dict[str, str], profile: Profile) -> None:
@@ -102,36 +142,76 @@ def submit(
     overwrite: bool = False,
     argv: list[str] | None = None,
 ) -> SubmitResult:
+    """Run a whole submission into a staging folder inside ``out_dir``, then install it.
+
+    An earlier submission in ``out_dir`` (``--overwrite``) stays untouched until the new run has validated and
+    zipped; if the new run fails validation its files go to ``out_dir/failed_run/`` and the earlier submission
+    stays. Without an earlier submission a failed run's files (validation.json, predictions/) land in ``out_dir``.
+    """
     out_dir = Path(out_dir)
-    cases = profile.collect_cases(images_dir)
     setup = resolve_models(model_args, folds, checkpoint, postprocessing)
     for note in setup.notes:
         log.warning(note)
+    cases = profile.collect_cases(images_dir, n_channels=len(setup.dataset_json["channel_names"]))
     variables = template_variables(setup, user_vars)
     if map_labels_by_name:
         explicit = label_map or {}
-        label_map = {**profile.label_map_by_name(setup.dataset_json["labels"], set(explicit)), **explicit}
+        label_map = {**profile.label_map_by_name(setup.dataset_json, set(explicit)), **explicit}
     # Resolve every output name before predicting: a template error must not cost an inference run.
     relpaths = {c.case_id: profile.output_relpath(c, variables) for c in cases}
     check_distinct_outputs(relpaths, profile)
-    prepare_output(out_dir, overwrite)
+    had_submission = prepare_output(out_dir, overwrite)
 
-    final = run_inference(setup, cases, out_dir / WORK, device, tta, step_size, num_processes)
+    stage = Path(tempfile.mkdtemp(prefix=".mim_submit_run_", dir=out_dir))
+    try:
+        report, ok = _run(
+            stage,
+            setup,
+            cases,
+            relpaths,
+            profile,
+            variables,
+            label_map,
+            device,
+            tta,
+            step_size,
+            num_processes,
+            argv,
+        )
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    if ok or not had_submission:
+        install_run(stage, out_dir)
+        final = out_dir
+    else:
+        _remove(out_dir / FAILED_RUN)
+        os.replace(stage, out_dir / FAILED_RUN)
+        final = out_dir / FAILED_RUN
+        log.warning("the new run failed validation; the earlier submission in %s is kept", out_dir)
+    return SubmitResult(report, final, final / ZIP if ok else None, final / MANIFEST if ok else None)
+
+
+def _run(
+    stage, setup, cases, relpaths, profile, variables, label_map, device, tta, step_size, num_processes, argv
+) -> tuple[ValidationReport, bool]:
+    final = run_inference(setup, cases, stage / WORK, device, tta, step_size, num_processes)
     ending = setup.dataset_json["file_ending"]
-    pred_root = out_dir / PREDICTIONS
+    pred_root = stage / PREDICTIONS
+    pred_root.mkdir()
     for c in cases:
         src = final / f"{c.case_id}{ending}"
         if src.is_file():  # a case nnU-Net did not write is reported by validation as missing
             convert_prediction(src, pred_root / relpaths[c.case_id], profile, label_map)
 
-    allowed = _allowed_after_map(profile, setup.dataset_json.get("labels"), label_map)
+    allowed = _allowed_after_map(profile, setup.dataset_json, label_map)
     report = validate_predictions(pred_root, cases, profile, allowed, variables)
-    report.write(out_dir / VALIDATION)
+    report.write(stage / VALIDATION)
     if not report.ok:
-        return SubmitResult(report, out_dir, None, None)
+        return report, False
 
-    zip_path = out_dir / ZIP
-    write_zip(pred_root, zip_path)
+    zip_path = stage / ZIP
+    write_zip(pred_root, zip_path, profile.zip_root)
     file_cases = {relpaths[c.case_id]: _case_entry(c) for c in cases}
     manifest = build_manifest(
         pred_root,
@@ -153,17 +233,17 @@ def submit(
             }
         },
     )
-    write_manifest(manifest, out_dir / MANIFEST)
-    return SubmitResult(report, out_dir, zip_path, out_dir / MANIFEST)
+    write_manifest(manifest, stage / MANIFEST)
+    return report, True
 
 
 def _allowed_after_map(
-    profile: Profile, model_labels: dict | None, label_map: dict[int, int] | None
+    profile: Profile, model_dataset: dict | None, label_map: dict[int, int] | None
 ) -> set[int]:
     if profile.labels is not None or not label_map:
-        return profile.allowed_labels(model_labels)
+        return profile.allowed_labels(model_dataset)
     merged = dataclasses.replace(profile, label_map={**profile.label_map, **label_map})
-    return merged.allowed_labels(model_labels)
+    return merged.allowed_labels(model_dataset)
 
 
 def _case_entry(case: Case) -> dict:
@@ -187,11 +267,12 @@ def check_only(
     user_vars: dict[str, str] | None = None,
 ) -> ValidationReport:
     """Validate an existing predictions folder (the profile's layout under it) against the test images."""
-    cases = profile.collect_cases(images_dir)
     setup = resolve_models(model_args, postprocessing="none") if model_args else None
+    n_channels = len(setup.dataset_json["channel_names"]) if setup else None
+    cases = profile.collect_cases(images_dir, n_channels=n_channels)
     variables = template_variables(setup, user_vars)
     if labels is not None:
         allowed = set(labels)
     else:
-        allowed = _allowed_after_map(profile, setup.dataset_json.get("labels") if setup else None, label_map)
+        allowed = _allowed_after_map(profile, setup.dataset_json if setup else None, label_map)
     return validate_predictions(predictions_dir, cases, profile, allowed, variables)

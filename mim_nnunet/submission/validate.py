@@ -62,7 +62,12 @@ class ValidationReport:
 
     def lines(self) -> list[str]:
         out = [f"{c.file}: {e}" for c in self.cases for e in c.errors]
-        out += [f"{f}: unexpected file (no test image maps to it)" for f in self.unexpected_files]
+        out += [
+            f"{f}: unexpected file (no test image maps to it)"
+            if f.lower().endswith(IMAGE_ENDINGS)
+            else f"{f}: unexpected file (not a prediction; remove it)"
+            for f in self.unexpected_files
+        ]
         return out
 
     def summary(self) -> str:
@@ -173,12 +178,9 @@ def validate_predictions(
         reports.append(
             CaseReport(case.case_id, rel, validate_case(predictions_dir / rel, case, allowed_labels))
         )
+    # Every file counts, not only images: a stray notes.txt or .DS_Store would travel in the zip too.
     found = (
-        {
-            p.relative_to(predictions_dir).as_posix()
-            for p in predictions_dir.rglob("*")
-            if p.is_file() and p.name.endswith(IMAGE_ENDINGS)
-        }
+        {p.relative_to(predictions_dir).as_posix() for p in predictions_dir.rglob("*") if not p.is_dir()}
         if predictions_dir.is_dir()
         else set()
     )
