@@ -37,13 +37,16 @@ def plot_progress(records: list[dict], path: str | os.PathLike) -> None:
     if not records:
         return
     steps = [r["step"] for r in records]
+    # the matched pairs' cosine, 1 - align / 2, next to the unrelated pairs' one
+    records = [r | {f"matched{p}": 1 - r[f"align{p}"] / 2 for p in ("12", "23")
+                    if r.get(f"collapse_cos{p}") is not None and r.get(f"align{p}") is not None} for r in records]
     panels = [
         ("reconstruction loss (norm-pix MSE, masked tokens)", ["rec1", "rec2", "rec3"]),
         ("cross-level alignment loss (2 - 2 cos)", ["align12", "align23"]),
         ("total loss", ["loss"]),
         ("learning rate", ["lr"]),
-        ("alignment collapse watch: cos of unrelated pairs (-> 1) and std x sqrt(dim) (-> 0) = collapse",
-         ["collapse_cos12", "collapse_cos23", "collapse_std12", "collapse_std23"]),
+        ("collapse watch: unrelated cos -> 1, std -> 0; informative while matched > unrelated",
+         ["collapse_cos12", "collapse_cos23", "matched12", "matched23", "collapse_std12", "collapse_std23"]),
         ("linear probe: mean foreground Dice on held-out cases", ["probe_dice"]),
     ]  # fmt: skip
     panels = [(t, keys) for t, keys in panels if any(r.get(k) is not None for r in records for k in keys)]
@@ -52,12 +55,14 @@ def plot_progress(records: list[dict], path: str | os.PathLike) -> None:
     axes = fig.subplots(rows, 2, squeeze=False).ravel()
     labels = {"rec1": "level 1", "rec2": "level 2", "rec3": "level 3", "align12": "level 1 -> 2",
               "align23": "level 2 -> 3", "collapse_cos12": "cos 1 -> 2", "collapse_cos23": "cos 2 -> 3",
-              "collapse_std12": "std 1 -> 2", "collapse_std23": "std 2 -> 3"}  # fmt: skip
+              "collapse_std12": "std 1 -> 2", "collapse_std23": "std 2 -> 3", "matched12": "matched cos 1 -> 2",
+              "matched23": "matched cos 2 -> 3"}  # fmt: skip
     for ax, (title, keys) in zip(axes, panels):
         for key in keys:
             pts = [(s, r[key]) for s, r in zip(steps, records) if r.get(key) is not None]
             if pts:
                 style = {"marker": "o", "markersize": 4} if key == "probe_dice" else {}
+                style |= {"linestyle": "--"} if key.startswith("matched") else {}
                 ax.plot(*zip(*pts), label=labels.get(key, key), linewidth=1, **style)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("optimizer step")

@@ -113,6 +113,7 @@ class MiMPretrainingModel(nn.Module):
         # align_target="ema" (BYOL-style, see _align): the target is a frozen EMA copy of the parent head; its
         # weights are parameters without gradient, so they are in the checkpoint (and so in every resume).
         self.align_targets = nn.ModuleDict()
+        self._monitors: dict[str, torch.Tensor] = {}  # filled by forward_loss (collapse watch), returned by forward
         if cfg.align_target == "ema":
             for name in [k for k in self.align_heads if k.startswith("parent")]:
                 self.align_targets[name] = copy.deepcopy(self.align_heads[name]).requires_grad_(False)
@@ -244,7 +245,7 @@ class MiMPretrainingModel(nn.Module):
         """``crops``: ``(N, C, 2S, 2S, 2S)`` at the pre-training spacing, intensities in [0, 1]."""
         levels = self.make_levels(crops, generator)
         results = self._encode_decode(levels)
-        self._monitors: dict[str, torch.Tensor] = {}
+        self._monitors = {}
         losses = self.forward_loss(levels, results)
         out = [
             LevelOutput(lv.inputs, lv.masks, pred, lv.parents, lv.parent_volume)
