@@ -31,35 +31,46 @@ def _save(fig: Figure, path: Path) -> None:
 
 
 def plot_progress(records: list[dict], path: str | os.PathLike) -> None:
-    """``records``: one dict per optimizer step with ``step``, ``lr`` and the losses ``rec1..3``, ``align12/23``."""
+    """``records``: one dict per optimizer step with ``step``, ``lr`` and the losses ``rec1..3``, ``align12/23``;
+    optionally the collapse watch ``collapse_cos12/23``, ``collapse_std12/23`` and the probe's ``probe_dice``
+    (each gets its own panel when present)."""
     if not records:
         return
     steps = [r["step"] for r in records]
-    fig = Figure(figsize=(12, 8), layout="constrained")
-    axes = fig.subplots(2, 2)
+    # the matched pairs' cosine, 1 - align / 2, next to the unrelated pairs' one
+    records = [r | {f"matched{p}": 1 - r[f"align{p}"] / 2 for p in ("12", "23")
+                    if r.get(f"collapse_cos{p}") is not None and r.get(f"align{p}") is not None} for r in records]
     panels = [
-        (axes[0, 0], "reconstruction loss (norm-pix MSE, masked tokens)", ["rec1", "rec2", "rec3"]),
-        (axes[0, 1], "cross-level alignment loss (2 - 2 cos)", ["align12", "align23"]),
-        (axes[1, 0], "total loss", ["loss"]),
-        (axes[1, 1], "learning rate", ["lr"]),
-    ]
-    for ax, title, keys in panels:
+        ("reconstruction loss (norm-pix MSE, masked tokens)", ["rec1", "rec2", "rec3"]),
+        ("cross-level alignment loss (2 - 2 cos)", ["align12", "align23"]),
+        ("total loss", ["loss"]),
+        ("learning rate", ["lr"]),
+        ("collapse watch: unrelated cos -> 1, std -> 0; informative while matched > unrelated",
+         ["collapse_cos12", "collapse_cos23", "matched12", "matched23", "collapse_std12", "collapse_std23"]),
+        ("linear probe: mean foreground Dice on held-out cases", ["probe_dice"]),
+    ]  # fmt: skip
+    panels = [(t, keys) for t, keys in panels if any(r.get(k) is not None for r in records for k in keys)]
+    rows = (len(panels) + 1) // 2
+    fig = Figure(figsize=(12, 4 * rows), layout="constrained")
+    axes = fig.subplots(rows, 2, squeeze=False).ravel()
+    labels = {"rec1": "level 1", "rec2": "level 2", "rec3": "level 3", "align12": "level 1 -> 2",
+              "align23": "level 2 -> 3", "collapse_cos12": "cos 1 -> 2", "collapse_cos23": "cos 2 -> 3",
+              "collapse_std12": "std 1 -> 2", "collapse_std23": "std 2 -> 3", "matched12": "matched cos 1 -> 2",
+              "matched23": "matched cos 2 -> 3"}  # fmt: skip
+    for ax, (title, keys) in zip(axes, panels):
         for key in keys:
-            ys = [r.get(key) for r in records]
-            if any(y is not None for y in ys):
-                label = {
-                    "rec1": "level 1",
-                    "rec2": "level 2",
-                    "rec3": "level 3",
-                    "align12": "level 1 -> 2",
-                    "align23": "level 2 -> 3",
-                }.get(key, key)
-                ax.plot(steps, [float("nan") if y is None else y for y in ys], label=label, linewidth=1)
-        ax.set_title(title)
+            pts = [(s, r[key]) for s, r in zip(steps, records) if r.get(key) is not None]
+            if pts:
+                style = {"marker": "o", "markersize": 4} if key == "probe_dice" else {}
+                style |= {"linestyle": "--"} if key.startswith("matched") else {}
+                ax.plot(*zip(*pts), label=labels.get(key, key), linewidth=1, **style)
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
         if len(keys) > 1 and ax.lines:
             ax.legend()
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
     _save(fig, Path(path))
 
 

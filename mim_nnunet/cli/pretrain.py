@@ -46,6 +46,9 @@ RESUMABLE = {
     "precision",
     "grad_checkpointing",  # execution only: the maths, and so the run, stay the same
     "dense_execution",
+    "probe",  # the probe only watches: it changes nothing in training
+    "probe_every",
+    "probe_cases",
 }
 
 
@@ -135,6 +138,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=False,
         help="compute the masked voxels too (the reference execution, same results; about 1.6-2.3x the CPU step "
         "time, docs/benchmarks.md). Default: visible voxels only",
+    )
+    g.add_argument(
+        "--align-target",
+        choices=["online", "ema"],
+        default=d.align_target,
+        help="target of the cross-level alignment: online = the paper's two trained heads (can collapse to one "
+        "direction: watch collapse_cos/collapse_std in metrics.jsonl); ema = BYOL-style, the target is a frozen "
+        f"EMA copy of the parent head; default {d.align_target}",
+    )
+    g.add_argument(
+        "--align-ema",
+        type=float,
+        default=d.align_ema,
+        metavar="M",
+        help=f"EMA momentum per optimizer step of the --align-target ema target; default {d.align_ema}",
     )
     g = p.add_argument_group("optimisation (mim_method.md section 5)")
     g.add_argument(
@@ -243,6 +261,29 @@ def build_parser() -> argparse.ArgumentParser:
         "may change (and --device, --preprocess-workers, which are never stored)",
     )
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bar")
+    g = p.add_argument_group("linear probe (watch the representations without fine-tuning)")
+    g.add_argument(
+        "--probe",
+        metavar="DATASET",
+        default=None,
+        help="labeled nnU-Net raw dataset (id, name in $nnUNet_raw, or folder with imagesTr + labelsTr): every "
+        "--probe-every steps, fit a logistic regression on frozen encoder features of --probe-cases cases and "
+        "log its Dice on as many held-out cases (probe_dice in metrics.jsonl and progress.png)",
+    )
+    g.add_argument(
+        "--probe-every",
+        type=int,
+        default=d.probe_every,
+        metavar="N",
+        help=f"probe every N optimizer steps (and after the first and the last); default {d.probe_every}",
+    )
+    g.add_argument(
+        "--probe-cases",
+        type=int,
+        default=d.probe_cases,
+        metavar="K",
+        help=f"labeled cases to fit the probe on (the next K are held out to score it); default {d.probe_cases}",
+    )
     return p
 
 
@@ -294,6 +335,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--spacing takes one or three values, got {args.spacing}")
     if args.max_steps is not None and args.max_steps < 1:
         parser.error("--max-steps must be at least 1")
+    if args.probe is not None:
+        if args.probe_every < 1 or args.probe_cases < 1:
+            parser.error(f"--probe-every and --probe-cases must be at least 1, got {args.probe_every}, {args.probe_cases}")
+        from ..pretrain.probe import dataset_cases
+
+        try:
+            folder, cases, _ = dataset_cases(args.probe)
+        except ValueError as e:
+            parser.error(str(e))
+        if len(cases) < 2:
+            parser.error(f"--probe {args.probe}: {folder} has {len(cases)} labeled cases in labelsTr, need at least 2")
 
     # Heavy imports after argument parsing: --help stays instant.
     from ..data.loader import CropDataset

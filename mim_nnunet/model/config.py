@@ -60,6 +60,10 @@ class MiMConfig:
     # losses (§4)
     rec_weights: tuple[float, ...] = (1.0, 1.0, 1.0)
     align_weights: tuple[float, ...] = (0.1, 0.1)
+    # "online" (the paper: both heads trained on the 2 - 2cos loss) or "ema" (BYOL-style target: a frozen EMA
+    # copy of the parent head, which the loss cannot pull to a constant; mim_nnunet/pretrain/monitor.py)
+    align_target: str = "online"
+    align_ema: float = 0.99  # EMA momentum of the "ema" target per optimizer step; 1.0 = a frozen random target
     # execution (no effect on the maths)
     batch_levels: bool = True
     packed: bool = True  # compute visible voxels/tokens only (model/packed.py); False = dense reference
@@ -80,6 +84,10 @@ class MiMConfig:
             raise ValueError(f"level1_masking must be 'octant' or 'token', got {self.level1_masking!r}")
         if self.levels > 1 and self.level1_masking != "octant":
             raise ValueError("levels > 1 needs octant masking at level 1 (level 2 is cut from masked octants)")
+        if self.align_target not in ("online", "ema"):
+            raise ValueError(f"align_target must be 'online' or 'ema', got {self.align_target!r}")
+        if not 0.0 <= self.align_ema <= 1.0:
+            raise ValueError(f"align_ema must be in [0, 1], got {self.align_ema}")
         if self.dims[3] % 6 or self.decoder_dim % 6:
             raise ValueError("transformer and decoder widths must be divisible by 6 (3D sin-cos embedding)")
         if self.levels >= 3 and self.children_per_volume > self.num_masked(1):

@@ -13,6 +13,7 @@ rounding (tests/test_core_model.py).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..losses import alignment_loss, reconstruction_loss
 from ..masking import LevelInput, mask_in_mask, octant_tokens
+from ..pretrain.monitor import collapse_signal
 from .config import TOKEN_SIZE, MiMConfig
 from .encoder import HybridEncoder
 from .layers import Block
@@ -43,6 +45,7 @@ class MiMOutput:
     levels: list[LevelOutput]
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     loss: torch.Tensor | None = None
+    monitors: dict[str, torch.Tensor] = field(default_factory=dict)  # no-gradient diagnostics (collapse watch)
 
 
 def _mlp_head(dim: int) -> nn.Sequential:
@@ -107,6 +110,13 @@ class MiMPretrainingModel(nn.Module):
             self.align_heads[f"child{i}{i + 1}"] = _mlp_head(cfg.decoder_dim)
         self.register_buffer("octant_tokens", octant_tokens(cfg.grid), persistent=False)
         self.apply(self._init_weights)
+        # align_target="ema" (BYOL-style, see _align): the target is a frozen EMA copy of the parent head; its
+        # weights are parameters without gradient, so they are in the checkpoint (and so in every resume).
+        self.align_targets = nn.ModuleDict()
+        self._monitors: dict[str, torch.Tensor] = {}  # filled by forward_loss (collapse watch), returned by forward
+        if cfg.align_target == "ema":
+            for name in [k for k in self.align_heads if k.startswith("parent")]:
+                self.align_targets[name] = copy.deepcopy(self.align_heads[name]).requires_grad_(False)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -186,17 +196,43 @@ class MiMPretrainingModel(nn.Module):
             lv2 = levels[1]
             region = self.octant_tokens[lv2.parents]  # (M2, L/8)
             parent = feats[0][lv2.parent_volume[:, None], region].mean(dim=1)
-            losses["align12"] = self._align("12", feats[1].mean(dim=1), parent)
+            losses["align12"] = self._align("12", feats[1].mean(dim=1), parent, lv2.parent_volume)
         if cfg.levels >= 3:
             # Parent of a level-3 volume: the level-2 decoder feature of the token its patch was cut from
             # (the finer of the two choices in mim_method.md §4: exactly the child's region).
             lv3 = levels[2]
             parent = feats[1][lv3.parents[:, 0], lv3.parents[:, 1]]
-            losses["align23"] = self._align("23", feats[2].mean(dim=1), parent)
+            crop = levels[1].parent_volume[lv3.parents[:, 0]]
+            losses["align23"] = self._align("23", feats[2].mean(dim=1), parent, crop)
         return losses
 
-    def _align(self, pair: str, child: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
-        return alignment_loss(self.align_heads[f"child{pair}"](child), self.align_heads[f"parent{pair}"](parent.detach()))
+    def _align(self, pair: str, child: torch.Tensor, parent: torch.Tensor, crop: torch.Tensor) -> torch.Tensor:
+        """The alignment loss of one level pair; records the collapse signal (:mod:`..pretrain.monitor`).
+
+        ``online`` (the paper): child head on the child, parent head on the detached parent, both trained.
+        ``ema`` (BYOL-style): the parent head is the projector and the child head the predictor of the online
+        branch, ``child(parent(child features))``; the target is the frozen EMA copy of the parent head on the
+        detached parent. The loss cannot move the target, so it cannot pull both sides to one constant.
+        """
+        if self.config.align_target == "ema":
+            online = self.align_heads[f"child{pair}"](self.align_heads[f"parent{pair}"](child))
+            with torch.no_grad():
+                target = self.align_targets[f"parent{pair}"](parent.detach())
+        else:
+            online = self.align_heads[f"child{pair}"](child)
+            target = self.align_heads[f"parent{pair}"](parent.detach())
+        self._monitors[f"collapse_cos{pair}"], self._monitors[f"collapse_std{pair}"] = collapse_signal(
+            online, target, crop
+        )
+        return alignment_loss(online, target)
+
+    @torch.no_grad()
+    def update_align_targets(self) -> None:
+        """After each optimizer step (``align_target="ema"``): target <- m * target + (1 - m) * parent head."""
+        m = self.config.align_ema
+        for name, target in self.align_targets.items():
+            for t, p in zip(target.parameters(), self.align_heads[name].parameters(), strict=True):
+                t.lerp_(p.detach(), 1.0 - m)
 
     def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         cfg = self.config
@@ -209,9 +245,10 @@ class MiMPretrainingModel(nn.Module):
         """``crops``: ``(N, C, 2S, 2S, 2S)`` at the pre-training spacing, intensities in [0, 1]."""
         levels = self.make_levels(crops, generator)
         results = self._encode_decode(levels)
+        self._monitors = {}
         losses = self.forward_loss(levels, results)
         out = [
             LevelOutput(lv.inputs, lv.masks, pred, lv.parents, lv.parent_volume)
             for lv, (_, pred) in zip(levels, results)
         ]
-        return MiMOutput(out, losses, self.total_loss(losses))
+        return MiMOutput(out, losses, self.total_loss(losses), self._monitors)

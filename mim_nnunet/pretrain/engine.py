@@ -61,7 +61,7 @@ def train_steps(
                 with torch.autocast(dist.device.type, dtype=dtype, enabled=dtype is not None):
                     out = model(crops, generator=masks_rng)
                 scaler.scale(out.loss / accumulate).backward()
-            for name, value in {"loss": out.loss, **out.losses}.items():
+            for name, value in {"loss": out.loss, **out.losses, **out.monitors}.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float() / accumulate
         values = mean_over_ranks(torch.stack(list(sums.values())), dist).tolist()
         metrics = dict(zip(sums, values, strict=True))
@@ -75,6 +75,9 @@ def train_steps(
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        core = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+        if getattr(core, "align_targets", None):  # align_target="ema": the target follows the trained parent head
+            core.update_align_targets()
         seconds = time.perf_counter() - t0
         metrics.update(lr=lr, seconds=seconds, crops_per_s=n_crops * dist.world_size / seconds)
         if on_step(step + 1, metrics):

@@ -76,6 +76,8 @@ class RunOptions:
     levels: int | None = None  # None: the preset's (3); 1 = plain hybrid MAE, the ablation baseline
     grad_checkpointing: bool = False
     dense_execution: bool = False  # compute masked voxels too (model packed=False): same maths, the reference
+    align_target: str = "online"  # "ema": BYOL-style EMA target for the alignment heads (pretrain/monitor.py)
+    align_ema: float = 0.99
     batch_size: int = 2  # crops per micro-batch per process
     accumulate: int = 1
     max_steps: int | None = None  # optimizer steps; wins over epochs
@@ -93,10 +95,14 @@ class RunOptions:
     log_every: int = 10
     stop_after: int | None = None  # leave after this many steps of this invocation (resume later)
     progress: bool = True
+    probe: str | None = None  # labeled nnU-Net raw dataset for the linear probe (pretrain/probe.py)
+    probe_every: int = 500
+    probe_cases: int = 4
 
     def model_overrides(self) -> dict:
         o = {"grad_checkpointing": self.grad_checkpointing} if self.grad_checkpointing else {}
         o |= {"packed": False} if self.dense_execution else {}
+        o |= {"align_target": self.align_target, "align_ema": self.align_ema} if self.align_target != "online" else {}
         return o | ({"levels": self.levels} if self.levels is not None else {})
 
 
@@ -271,6 +277,12 @@ def run_pretraining(
         )  # fmt: skip
 
     preview_crop = EpochCrops(crops)[0, 0][None] if dist.is_main else None
+    probe = None
+    if opts.probe and dist.is_main:
+        from .probe import LinearProbe
+
+        probe = LinearProbe.from_dataset(opts.probe, opts.probe_cases, model.crop_size, data["spacing"],
+                                         data["window"], opts.seed)  # fmt: skip
 
     def save(step: int, final: bool = False) -> None:
         if dist.is_main:
@@ -366,6 +378,8 @@ def run_pretraining(
     metrics_file = open(out / METRICS, "a") if dist.is_main else None  # noqa: SIM115 -- closed below
 
     def on_step(step: int, m: dict) -> bool:
+        if probe is not None and (step == start + 1 or step % opts.probe_every == 0 or step == end):
+            m = m | probe(model.encoder, dist.device, AUTOCAST[precision])
         if dist.is_main:
             metrics_file.write(json.dumps({"step": step, "epoch": step / sched.steps_per_epoch} | m) + "\n")
             metrics_file.flush()
