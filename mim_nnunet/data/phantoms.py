@@ -1,8 +1,11 @@
 """Synthetic CT phantoms: the embedded default data (product.md, "Embedded default data").
 
 No data can be downloaded, so the project generates its own: a body outline (fat shell over soft tissue) in
-air, lungs, liver, spleen, kidneys (medulla + enhancing cortex), spine and ribs, contrast-filled vessels and
-Gaussian noise, in Hounsfield units, stored as int16 NIfTI like a real CT.
+air, lungs, liver, spleen, kidneys (medulla + enhancing cortex), an unlabeled stomach and bowel loops, spine and
+ribs, contrast-filled vessels, a partial-volume blur and Gaussian noise, in Hounsfield units, stored as int16
+NIfTI like a real CT. The labeled organs are a fair test (docs/study.md, "The phantoms as a test"): visible
+over the noise, but with randomly shaped outlines, textures and HU ranges shared with their neighbours, so
+that no HU threshold segments them; :func:`organ_report` measures both.
 
 Every phantom is an analytic object defined in *physical* (LPS, mm) coordinates and sampled on a grid with its
 own spacing, size, origin and direction cosines. Directions are signed permutations: some images are stored
