@@ -85,8 +85,11 @@ class Settings:
     pretrain_lr: float = 1e-3
     epochs: int = 10
     iters: int = 25
+    stock_epochs: int | None = (
+        None  # None: as many iterations as the other arms; else equal wall-clock (docs)
+    )
     mim_memory_target: float = 0.75
-    stock_memory_target: float = 1.0
+    stock_memory_target: float = 0.5  # nnU-Net planner: 56x48x56 here, about the MiM patch volume (docs)
     tolerance: float = 2.0
     shape_mm: tuple[float, float, float] | None = None  # None: the phantoms' default (drawn per case)
     data_seed: int = 0
@@ -255,7 +258,8 @@ class Study:
         run = self.out / "runs" / self.run_id(arm, k, seed)
         results = run / "nnUNet_results"
         fold = s.ks.index(k)
-        env = dict(self.env, nnUNet_results=str(results), MIM_NNUNET_STUDY_EPOCHS=str(s.epochs),
+        epochs = s.stock_epochs if a.plans == "stock" and s.stock_epochs else s.epochs
+        env = dict(self.env, nnUNet_results=str(results), MIM_NNUNET_STUDY_EPOCHS=str(epochs),
                    MIM_NNUNET_STUDY_ITERS=str(s.iters), MIM_NNUNET_STUDY_SEED=str(seed))  # fmt: skip
         plans = self.plans_name(arm)
         model = results / DATASET / f"{a.trainer}__{plans}__3d_fullres" / f"fold_{fold}"
@@ -279,7 +283,7 @@ class Study:
         }
         result = {
             "arm": arm, "k": k, "seed": seed, "trainer": a.trainer, "plans": plans,
-            "iterations": s.epochs * s.iters, "train_seconds": train_s, "predict_seconds": predict_s,
+            "iterations": epochs * s.iters, "train_seconds": train_s, "predict_seconds": predict_s,
             "n_test": ev["n_cases"], "tolerance_mm": s.tolerance, "foreground_mean": ev["foreground_mean"],
             "per_organ": {names[int(lbl)]: v for lbl, v in ev["mean"].items()},
             "patch_size": json.loads((self.pre / DATASET / f"{plans}.json").read_text())["configurations"][
@@ -326,7 +330,7 @@ def build_report(out: Path, s: Settings, report_dir: Path) -> dict:
                 "organ_dice_mean": organs,
                 "train_seconds_mean": _mean_sd([r["train_seconds"] or np.nan for r in rs])[0],
                 "predict_seconds_mean": _mean_sd([r["predict_seconds"] for r in rs])[0],
-                "patch_size": rs[0]["patch_size"],
+                "patch_size": rs[0]["patch_size"], "iterations": rs[0]["iterations"],
             })  # fmt: skip
     timings_file = out / "timings.json"
     report = {
@@ -355,24 +359,25 @@ def build_report(out: Path, s: Settings, report_dir: Path) -> dict:
         REPORT_BEGIN,
         "",
         f"Foreground mean over {s.test} held-out test phantoms, mean +- sd over seeds {list(s.seeds)}; "
-        f"{s.epochs * s.iters} fine-tuning iterations for every arm; NSD at {s.tolerance:g} mm. "
+        f"fine-tuning iterations per run in the table (equal for all arms unless the stock arm was given equal "
+        f"wall-clock instead, `--stock-epochs`); NSD at {s.tolerance:g} mm. "
         f"Pre-training: preset {s.preset}, {s.pretrain_steps} steps of {s.pretrain_batch} crops on "
         f"{s.corpus} phantoms.",
         "",
         "| arm | k | seeds | Dice | NSD | "
         + " | ".join(f"{o} Dice" for o in organs)
-        + " | patch | train s |",
-        "|---|---|---|---|---|" + "---|" * len(organs) + "---|---|",
+        + " | iterations | patch | train s |",
+        "|---|---|---|---|---|" + "---|" * len(organs) + "---|---|---|",
     ]
     for c in cells:
         if not c["n_seeds"]:
-            lines.append(f"| {c['arm']} | {c['k']} | 0 | (missing) | | " + "| " * len(organs) + "| |")
+            lines.append(f"| {c['arm']} | {c['k']} | 0 | (missing) | | " + "| " * len(organs) + "| | |")
             continue
         lines.append(
             f"| {c['arm']} | {c['k']} | {c['n_seeds']} | {c['dice_mean']:.3f} +- {c['dice_sd']:.3f} "
             f"| {c['nsd_mean']:.3f} +- {c['nsd_sd']:.3f} | "
             + " | ".join(f"{c['organ_dice_mean'].get(o, float('nan')):.3f}" for o in organs)
-            + f" | {'x'.join(map(str, c['patch_size']))} | {c['train_seconds_mean']:.0f} |"
+            + f" | {c['iterations']} | {'x'.join(map(str, c['patch_size']))} | {c['train_seconds_mean']:.0f} |"
         )
     lines += [
         "",
@@ -439,6 +444,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
     p.add_argument("--pretrain-steps", type=int, default=None, help="optimizer steps per pre-training run")
     p.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (each --iters iterations)")
     p.add_argument("--iters", type=int, default=None, help="fine-tuning iterations per epoch")
+    p.add_argument(
+        "--stock-epochs",
+        type=int,
+        default=None,
+        help="epochs of the stock nnU-Net arm when equal iterations do not fit (default: --epochs)",
+    )
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from existing results")
     p.add_argument("--stages", nargs="+", default=["data", "pretrain", "plan", "finetune", "report"],
                    choices=["data", "pretrain", "plan", "finetune", "report"], help="stages to run (default all)")  # fmt: skip
@@ -447,7 +458,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
     for name in ("arms", "seeds", "ks"):
         if getattr(a, name) is not None:
             setattr(s, name, tuple(getattr(a, name)))
-    for name in ("corpus", "pretrain_steps", "epochs", "iters"):
+    for name in ("corpus", "pretrain_steps", "epochs", "iters", "stock_epochs"):
         if getattr(a, name) is not None:
             setattr(s, name, getattr(a, name))
     a.out = (a.out or REPO / "work_dirs" / ("study_quick" if a.quick else "study")).resolve()
