@@ -34,7 +34,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -80,24 +80,21 @@ class Settings:
     seeds: tuple[int, ...] = (0, 1, 2)
     arms: tuple[str, ...] = tuple(ARMS)
     preset: str = "tiny"
-    pretrain_steps: int = 300
+    pretrain_steps: int = 2000  # 40 epochs of the 100-phantom corpus; budget in docs/study.md
     pretrain_batch: int = 2
     pretrain_lr: float = 1e-3
-    epochs: int = 10
+    epochs: int = 8  # x iters = 200 iterations for every arm (budget in docs/study.md)
     iters: int = 25
-    stock_epochs: int | None = (
-        None  # None: as many iterations as the other arms; else equal wall-clock (docs)
-    )
+    stock_epochs: int | None = None  # None: the other arms' iterations; else equal wall-clock (docs)
     mim_memory_target: float = 0.75
     stock_memory_target: float = 0.5  # nnU-Net planner: 56x48x56 here, about the MiM patch volume (docs)
     tolerance: float = 2.0
     shape_mm: tuple[float, float, float] | None = None  # None: the phantoms' default (drawn per case)
     data_seed: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 QUICK = dict(
-    corpus=4, ks=(1, 2), val=1, test=2, seeds=(0,), arms=("MiM", "scratch"), pretrain_steps=3, epochs=1,
+    corpus=4, ks=(1, 2), val=1, test=1, seeds=(0,), arms=("MiM", "scratch"), pretrain_steps=3, epochs=1,
     iters=3, shape_mm=(80.0, 80.0, 80.0),
 )  # fmt: skip
 
