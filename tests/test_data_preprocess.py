@@ -168,7 +168,8 @@ def test_fingerprint_and_cache_contents(tmp_path, phantom_corpus):
     shapes = [read_volume(case_paths(cache, c)[0]).shape for c in report.cases]
     assert fp["shape_after"]["max"] == np.max(shapes, 0).tolist()
     pct = fp["intensity"]["percentiles"]
-    assert pct["0.5"] < -500 < 0 < pct["50"] < 100 < 300 < pct["99.5"]  # lungs, soft tissue, bone
+    # lungs, then fat or soft tissue (these 80 mm phantoms are ~40 % subcutaneous fat), bone
+    assert pct["0.5"] < -500 < -150 < pct["50"] < 100 < 300 < pct["99.5"]
     # (these fixtures are coarser than 1.5 mm, so the cache may exceed the input: the ratio is measured by the
     # benchmark on default phantoms; here it must be the true ratio of the files)
     raw = sum(p.stat().st_size for p in phantom_corpus)

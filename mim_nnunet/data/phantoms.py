@@ -1,8 +1,11 @@
 """Synthetic CT phantoms: the embedded default data (product.md, "Embedded default data").
 
 No data can be downloaded, so the project generates its own: a body outline (fat shell over soft tissue) in
-air, lungs, liver, spleen, kidneys (medulla + enhancing cortex), spine and ribs, contrast-filled vessels and
-Gaussian noise, in Hounsfield units, stored as int16 NIfTI like a real CT.
+air, lungs, liver, spleen, kidneys (medulla + enhancing cortex), an unlabeled stomach and bowel loops, spine and
+ribs, contrast-filled vessels, a partial-volume blur and Gaussian noise, in Hounsfield units, stored as int16
+NIfTI like a real CT. The labeled organs are a fair test (docs/study.md, "The phantoms as a test"): visible
+over the noise, but with randomly shaped outlines, textures and HU ranges shared with their neighbours, so
+that no HU threshold segments them; :func:`organ_report` measures both.
 
 Every phantom is an analytic object defined in *physical* (LPS, mm) coordinates and sampled on a grid with its
 own spacing, size, origin and direction cosines. Directions are signed permutations: some images are stored
@@ -20,11 +23,14 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 #: label values of the labeled dataset (nnU-Net: consecutive integers, 0 = background)
 LABELS = {"background": 0, "liver": 1, "spleen": 2, "kidneys": 3}
 
 AIR_HU = -1000
+#: sigma (mm) of the Gaussian point-spread function that blurs every border (partial volume)
+PSF_MM = 0.8
 
 
 def _stream_seed(seed: int, stream: int, index: int) -> int:
@@ -51,6 +57,20 @@ class _Grid:
     y: np.ndarray
     z: np.ndarray
     shape: tuple[int, int, int]
+
+    def box(self, c, half) -> tuple[tuple[slice, ...], _Grid] | None:
+        """The voxels within ``half`` (x, y, z, mm) of the point ``c``: (numpy slices, their sub-grid)."""
+        sl = [slice(0, 0)] * 3
+        coords = (self.x, self.y, self.z)
+        for q in range(3):
+            n = int(np.argmax(coords[q].shape))  # the numpy axis this physical axis runs along
+            idx = np.flatnonzero(np.abs(coords[q].ravel() - c[q]) <= half[q])
+            if idx.size == 0:
+                return None
+            sl[n] = slice(int(idx[0]), int(idx[-1]) + 1)
+        sub = [a[tuple(sl[n] if a.shape[n] > 1 else slice(None) for n in range(3))] for a in coords]
+        shape = tuple(s.stop - s.start for s in sl)
+        return tuple(sl), _Grid(sub[0], sub[1], sub[2], shape)
 
 
 def _grid(size_ijk, spacing_ijk, direction: np.ndarray, origin) -> _Grid:
@@ -79,6 +99,56 @@ def _segment_tube(g: _Grid, p0, p1, radius: float) -> np.ndarray:
     t = np.clip(t, 0.0, 1.0)
     dist2 = (g.x - p0[0] - t * d[0]) ** 2 + (g.y - p0[1] - t * d[1]) ** 2 + (g.z - p0[2] - t * d[2]) ** 2
     return dist2 <= radius**2
+
+
+class _Blob:
+    """A smooth random shape: an ellipsoid rotated about z, its radius wobbled by low-order angular waves.
+
+    Defined in physical coordinates, so the same seed gives the same object on any grid. ``mask(g, scale)``
+    is the shape shrunk by ``scale`` about its centre (a kidney's medulla inside its cortex).
+    """
+
+    def __init__(self, rng: np.random.Generator, c, r, wobble: float = 0.2):
+        self.c, self.r = tuple(float(v) for v in c), tuple(float(v) for v in r)
+        self.angle = rng.uniform(-0.35, 0.35)  # about +-20 degrees
+        self.waves = rng.normal(size=(3, 3)) * rng.uniform(1.0, 2.5, size=(3, 1))  # 3 waves, 1-2.5 per radian
+        self.phases = rng.uniform(0, 2 * np.pi, size=3)
+        self.amps = rng.uniform(0.3, 1.0, size=3) * wobble / 1.5
+
+    def mask(self, g: _Grid, scale: float = 1.0) -> np.ndarray:
+        out = np.zeros(g.shape, bool)
+        found = self.box(g, scale)
+        if found is not None:  # only the blob's bounding box is evaluated: the phantom stays fast
+            sl, sub = found
+            out[sl] = self._inside(sub, scale)
+        return out
+
+    def box(self, g: _Grid, scale: float = 1.0) -> tuple[tuple[slice, ...], _Grid] | None:
+        reach = scale * (1.0 + float(self.amps.sum()))
+        return g.box(self.c, (max(self.r[:2]) * reach, max(self.r[:2]) * reach, self.r[2] * reach))
+
+    def _inside(self, g: _Grid, scale: float) -> np.ndarray:
+        dx, dy, dz = g.x - self.c[0], g.y - self.c[1], g.z - self.c[2]
+        ca, sa = np.cos(self.angle), np.sin(self.angle)
+        u = (ca * dx + sa * dy) / self.r[0]
+        v = (-sa * dx + ca * dy) / self.r[1]
+        w = dz / self.r[2]
+        rho = np.sqrt(u**2 + v**2 + w**2) + 1e-6
+        wob = sum(
+            a * np.cos((k[0] * u + k[1] * v + k[2] * w) / rho + p)
+            for k, p, a in zip(self.waves, self.phases, self.amps)
+        )
+        return rho <= scale * (1.0 + wob)
+
+
+def _texture(g: _Grid, rng: np.random.Generator, wavelength_mm: float, n: int = 6) -> np.ndarray:
+    """A smooth random field of unit standard deviation: ``n`` plane waves of about ``wavelength_mm``."""
+    field = np.zeros(g.shape, np.float32)
+    for _ in range(n):
+        k = rng.normal(size=3)
+        k *= 2 * np.pi / (wavelength_mm * rng.uniform(0.7, 1.4) * np.linalg.norm(k))
+        field += np.cos(k[0] * g.x + k[1] * g.y + k[2] * g.z + rng.uniform(0, 2 * np.pi))
+    return field * np.float32(np.sqrt(2.0 / n))
 
 
 def make_phantom(
@@ -129,7 +199,9 @@ def make_phantom(
     fat_mm = rng.uniform(5.0, 10.0)
     inner_r = (body_r[0] - fat_mm, body_r[1] - fat_mm, body_r[2])
     img[body] = rng.uniform(-110, -80)
-    img[_ellipsoid(g, (0, 0, 0), inner_r)] = rng.uniform(35, 50)
+    inner = _ellipsoid(g, (0, 0, 0), inner_r)
+    # soft tissue with a faint texture (muscle, mesentery): the organs are 40-80 HU brighter (docs/study.md)
+    img[inner] = (rng.uniform(30, 50) + 4.0 * _texture(g, rng, 15.0))[inner]
     rx, ry = inner_r[0], inner_r[1]
 
     # lungs (upper part), then organs painted over them; the painting order decides what is visible
@@ -139,35 +211,47 @@ def make_phantom(
                 g, (side * 0.45 * rx, 0.05 * ry, 0.55 * hz), (0.38 * rx * j(), 0.6 * ry * j(), 0.5 * hz)
             )
         ] = rng.uniform(-870, -830)
-    organs = [  # (label, centre, radii, HU); patient right is -x in LPS
-        (
-            1,
-            (-0.35 * rx, -0.1 * ry, 0.1 * hz),
-            (0.5 * rx * j(), 0.55 * ry * j(), 0.35 * hz * j()),
-            rng.uniform(55, 70),
-        ),
-        (
-            2,
-            (0.55 * rx, 0.35 * ry, 0.15 * hz),
-            (0.2 * rx * j(), 0.25 * ry * j(), 0.2 * hz * j()),
-            rng.uniform(40, 50),
-        ),
-    ]
-    for label, c, r, hu in organs:
-        m = _ellipsoid(g, c, r)
-        img[m], lab[m] = hu, label
-    cortex_hu, medulla_hu = rng.uniform(140, 180), rng.uniform(25, 35)
+
+    # Distractors (label 0) in the liver/spleen HU range, so that no HU interval isolates an organ: the stomach
+    # (enhancing wall round fluid and gas) next to the spleen, and bowel loops in the lower abdomen.
+    st_c = (0.3 * rx, -0.35 * ry, 0.2 * hz)
+    st = _Blob(rng, st_c, (0.3 * rx * j(), 0.3 * ry * j(), 0.22 * hz * j()), wobble=0.15)
+    wall_hu = rng.uniform(95, 125)
+    img[st.mask(g)] = wall_hu
+    img[st.mask(g, 0.8)] = rng.uniform(5, 30)  # fluid content
+    img[st.mask(g, 0.8) & (g.y < st_c[1] - 0.55 * st.r[1])] = rng.uniform(-900, -700)  # gas rises anteriorly
+    for _ in range(int(rng.integers(6, 11))):
+        c = (rng.uniform(-0.6, 0.6) * rx, rng.uniform(-0.7, 0.0) * ry, rng.uniform(-0.9, -0.1) * hz)
+        loop = _Blob(rng, c, rng.uniform(0.1, 0.22, size=3) * min(rx, ry), wobble=0.25)
+        img[loop.mask(g)] = rng.uniform(80, 130)
+        if rng.random() < 0.3:
+            img[loop.mask(g, 0.4)] = rng.uniform(-900, -600)  # a gas bubble
+
+    # Labeled organs: smooth random shapes (wobbled, rotated ellipsoids), HU ranges that overlap each other and
+    # the distractors, and their own texture (docs/study.md, "The phantoms as a test").
+    liver = _Blob(rng, (-0.35 * rx, -0.1 * ry, 0.1 * hz), (0.5 * rx * j(), 0.55 * ry * j(), 0.35 * hz * j()))
+    spleen = _Blob(rng, (0.55 * rx, 0.35 * ry, 0.15 * hz), (0.2 * rx * j(), 0.25 * ry * j(), 0.2 * hz * j()))
+    for label, blob, hu, amp, wavelength in (
+        (1, liver, rng.uniform(90, 115), 8.0, 12.0),  # mottled parenchyma
+        (2, spleen, rng.uniform(95, 125), 3.0, 25.0),  # nearly homogeneous
+    ):
+        m, found = blob.mask(g), blob.box(g)
+        if found is not None:
+            sl, sub = found
+            img[sl][m[sl]] = (hu + amp * _texture(sub, rng, wavelength))[m[sl]]
+            lab[m] = label
+    cortex_hu, medulla_hu = rng.uniform(150, 190), rng.uniform(80, 110)
     for side in (-1, 1):
         c = (side * 0.45 * rx, 0.45 * ry, -0.45 * hz + side * 0.03 * hz)
-        r = (0.16 * rx * j(), 0.2 * ry * j(), 0.28 * hz * j())
-        m = _ellipsoid(g, c, r)
+        kidney = _Blob(rng, c, (0.16 * rx * j(), 0.2 * ry * j(), 0.28 * hz * j()), wobble=0.1)
+        m = kidney.mask(g)
         img[m], lab[m] = cortex_hu, 3
-        img[_ellipsoid(g, c, [0.65 * v for v in r])] = medulla_hu
+        img[kidney.mask(g, 0.65)] = medulla_hu
 
     # liver vessels (kept in the liver label, as in common annotation protocols)
-    lc = organs[0][1]
+    lc = liver.c
     for _ in range(3):
-        p1 = np.asarray(lc) + rng.uniform(-0.5, 0.5, size=3) * np.asarray(organs[0][2])
+        p1 = np.asarray(lc) + rng.uniform(-0.5, 0.5, size=3) * np.asarray(liver.r)
         img[_segment_tube(g, lc, p1, rng.uniform(1.5, 3.0)) & (lab == 1)] = rng.uniform(160, 200)
 
     # aorta and inferior vena cava along z (label background)
@@ -194,6 +278,8 @@ def make_phantom(
         rib = (radial**2 + (g.z - zk) ** 2 <= rib_r**2) & (g.y > -0.4 * ry)
         img[rib], lab[rib] = rib_hu, 0
 
+    # partial volume: the scanner's point-spread function (about 1 mm) blurs every border before the noise
+    img = ndimage.gaussian_filter(img, [PSF_MM / s for s in spacing_ijk[::-1]], mode="nearest")
     sigma = noise_hu if noise_hu is not None else rng.uniform(8.0, 20.0)
     img += rng.normal(0.0, sigma, size=g.shape).astype(np.float32) * (img > AIR_HU + 1)
     img += rng.normal(0.0, 0.25 * sigma, size=g.shape).astype(np.float32)  # air noise (weaker, like CT)
@@ -273,3 +359,75 @@ def write_nnunet_dataset(
     }
     (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
     return folder
+
+
+# --- is each organ a fair test? (issue 10: visible to a network, not found by a threshold) -----------------
+
+
+def organ_cnr(image: np.ndarray, label: np.ndarray, organ: int, spacing_zyx, shell_mm: float = 4.0) -> float:
+    """Contrast-to-noise ratio of one labeled organ against its surroundings.
+
+    Contrast: |median HU inside the organ (>= 2 mm from its border) - median HU of a ``shell_mm`` shell around
+    it| (medians, so that a rib or a vessel in the shell does not dominate). Noise: the robust sigma of the
+    voxel-to-voxel differences inside the organ, divided by sqrt(2): white noise counts, a smooth texture or the
+    cortex/medulla step does not. Partial-volume blur happens before the noise, so it does not lower it.
+    """
+    mask = label == organ
+    if mask.sum() < 8:
+        raise ValueError(f"organ {organ} has {int(mask.sum())} voxels; cannot measure its contrast")
+    sampling = [float(s) for s in spacing_zyx]
+    inside = ndimage.distance_transform_edt(mask, sampling=sampling) >= 2.0
+    if inside.sum() < 8:
+        inside = mask
+    outside_dist = ndimage.distance_transform_edt(~mask, sampling=sampling)
+    shell = (outside_dist > 0) & (outside_dist <= shell_mm)
+    img = image.astype(np.float32)
+    contrast = abs(float(np.median(img[inside])) - float(np.median(img[shell])))
+    # differences along the first array axis whose both voxels lie inside the organ
+    both = inside[1:] & inside[:-1]
+    diff = (img[1:] - img[:-1])[both]
+    noise = 1.4826 * float(np.median(np.abs(diff - np.median(diff)))) / np.sqrt(2.0)
+    return contrast / max(noise, 1e-6)
+
+
+def best_threshold_dice(image: np.ndarray, label: np.ndarray, organ: int, bin_hu: float = 5.0) -> float:
+    """The best Dice that a single HU interval [lo, hi] (searched on a ``bin_hu`` grid) reaches for one organ.
+
+    A threshold segments the whole image, so every unlabeled structure in the interval counts as a false
+    positive: an organ that a threshold finds at Dice ~1 measures nothing a network learns.
+    """
+    img = image.astype(np.float32).ravel()
+    mask = (label == organ).ravel()
+    n_organ = int(mask.sum())
+    if n_organ == 0:
+        raise ValueError(f"organ {organ} is absent from the label map")
+    lo, hi = float(img.min()), float(img.max())
+    edges = np.arange(lo, hi + bin_hu, bin_hu)
+    if len(edges) < 2:
+        return 1.0
+    h_all = np.histogram(img, edges)[0].astype(np.float64)
+    h_org = np.histogram(img[mask], edges)[0].astype(np.float64)
+    c_all, c_org = np.concatenate([[0], np.cumsum(h_all)]), np.concatenate([[0], np.cumsum(h_org)])
+    # interval of bins [a, b): TP = c_org[b] - c_org[a], predicted = c_all[b] - c_all[a]
+    tp = c_org[None, :] - c_org[:, None]
+    pred = c_all[None, :] - c_all[:, None]
+    valid = np.triu(np.ones_like(tp, dtype=bool), 1)
+    dsc = np.where(valid, 2.0 * tp / np.maximum(pred + n_organ, 1.0), 0.0)
+    return float(dsc.max())
+
+
+def organ_report(image: sitk.Image, label: sitk.Image) -> dict[str, dict[str, float]]:
+    """{organ name: {"cnr", "threshold_dice", "volume_ml"}} for every labeled organ present."""
+    img, lab = sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(label)
+    spacing_zyx = image.GetSpacing()[::-1]
+    voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
+    out = {}
+    for name, value in LABELS.items():
+        if value == 0 or not (lab == value).any():
+            continue
+        out[name] = {
+            "cnr": organ_cnr(img, lab, value, spacing_zyx),
+            "threshold_dice": best_threshold_dice(img, lab, value),
+            "volume_ml": float((lab == value).sum()) * voxel_ml,
+        }
+    return out

@@ -1,0 +1,492 @@
+"""Label-efficiency study (issue 10): does MiM pre-training help when labels are scarce, and against what?
+
+On the embedded synthetic phantoms, with fixed seeds:
+
+1. data: an unlabeled corpus (``--corpus``) and one labeled nnU-Net dataset whose training cases are the first
+   ``max(k)`` cases plus ``--val`` validation cases, and ``--test`` held-out test cases (imagesTs/labelsTs);
+2. pre-training: one run per pre-trained arm (``ARMS[...].pretrain_args``), all with the same preset and the same
+   number of optimizer steps, on one shared preprocessed cache;
+3. planning: MiM plans from the first pre-trained arm's checkpoint (the others get their own plans file naming
+   their checkpoint, on the same preprocessed data); stock nnU-Net planned by its own planner at the MiM
+   spacing with a small memory target (``--stock-memory-target``); ``splits_final.json`` has one fold per k
+   (fold i trains on the first ``k_i`` cases, all folds validate on the same ``--val`` cases);
+4. fine-tuning: for every arm, k and seed, ``nnUNetv2_train`` with the arm's study trainer
+   (``mim_nnunet.nnunet.study_trainers``: equal iterations, seed from the environment), each run in its own
+   ``nnUNet_results`` folder, then ``nnUNetv2_predict`` on the test set (CPU, ``--disable_tta``) and
+   ``mim_nnunet.submission.evaluate`` (Dice, NSD at ``--tolerance`` mm, per organ and foreground mean);
+5. report: ``study.md`` (table), ``study.json`` and ``study_dice_vs_k.png``, re-built from whatever run results
+   exist, with the missing runs listed.
+
+Every finished stage leaves a file and is skipped when the command is run again (an interrupted study resumes:
+pre-training with ``--resume``, nnU-Net with ``--c``). ``--quick`` runs the same code path at toy sizes (CI).
+
+    python benchmarks/study_label_efficiency.py                 # the full study (docs/study.md: ~3 h, 2-core CPU)
+    python benchmarks/study_label_efficiency.py --quick --out /tmp/study_quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DATASET_ID = 961
+NAME = "MiMStudy"
+DATASET = f"Dataset{DATASET_ID:03d}_{NAME}"
+MIM_PLANS = "MiMPlans_study"
+STOCK_PLANS = "nnUNetPlans_study"
+REPORT_BEGIN = "<!-- study-report:begin (written by benchmarks/study_label_efficiency.py) -->"
+REPORT_END = "<!-- study-report:end -->"
+
+log = logging.getLogger("study")
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One line of the comparison: how its encoder is pre-trained (None: not at all) and how it is fine-tuned."""
+
+    trainer: str
+    pretrain_args: tuple[str, ...] | None = None  # extra mim_nnunet_pretrain options; None = no pre-training
+    plans: str = "mim"  # "mim": MiM plans (the checkpoint's network); "stock": nnU-Net's own plans
+    label: str = ""
+
+
+#: The arms, in report order. Adding an arm is one entry; e.g. an EMA alignment target (issue 10, point 3)
+#: once mim_nnunet_pretrain has the option:  "MiM-EMA": Arm("nnUNetTrainerMiM_study", ("--<ema option>",)).
+ARMS: dict[str, Arm] = {
+    "MiM": Arm("nnUNetTrainerMiM_study", (), label="MiM (3 levels + alignment)"),
+    "MAE": Arm("nnUNetTrainerMiM_study", ("--levels", "1"), label="MAE ablation (levels=1, no alignment)"),
+    "scratch": Arm("nnUNetTrainerMiM_scratch_study", None, label="same network, random init"),
+    "nnUNet": Arm("nnUNetTrainerStock_study", None, plans="stock", label="stock nnU-Net"),
+}
+
+
+@dataclass
+class Settings:
+    corpus: int = 100
+    ks: tuple[int, ...] = (2, 8)
+    val: int = 2
+    test: int = 10
+    seeds: tuple[int, ...] = (0, 1, 2)
+    arms: tuple[str, ...] = tuple(ARMS)
+    preset: str = "tiny"
+    pretrain_steps: int = 2000  # 40 epochs of the 100-phantom corpus; budget in docs/study.md
+    pretrain_batch: int = 2
+    pretrain_lr: float = 1e-3
+    epochs: int = 8  # x iters = 200 iterations for every arm (budget in docs/study.md)
+    iters: int = 25
+    stock_epochs: int | None = None  # None: the other arms' iterations; else equal wall-clock (docs)
+    mim_memory_target: float = 0.75
+    stock_memory_target: float = 0.5  # nnU-Net planner: 56x48x56 here, about the MiM patch volume (docs)
+    tolerance: float = 2.0
+    shape_mm: tuple[float, float, float] | None = None  # None: the phantoms' default (drawn per case)
+    data_seed: int = 0
+
+
+QUICK = dict(
+    corpus=4, ks=(1, 2), val=1, test=1, seeds=(0,), arms=("MiM", "scratch"), pretrain_steps=3, epochs=1,
+    iters=3, shape_mm=(80.0, 80.0, 80.0),
+)  # fmt: skip
+
+
+def _run(cmd: list[str], env: dict, logfile: Path) -> float:
+    """Run one stage as a subprocess (its command echoed into ``logfile``); returns its wall time."""
+    log.info("$ %s", shlex.join(cmd))
+    t0 = time.perf_counter()
+    with open(logfile, "a") as f:
+        f.write(f"\n$ {shlex.join(cmd)}\n")
+        f.flush()
+        res = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if res.returncode:
+        raise RuntimeError(f"stage failed (exit {res.returncode}), see {logfile}: {shlex.join(cmd)}")
+    return time.perf_counter() - t0
+
+
+def _exe(name: str) -> str:
+    """A console script of this interpreter's environment (nnU-Net's), or ``python -m`` for ours."""
+    return str(Path(sys.executable).parent / name)
+
+
+def _mim(module: str) -> list[str]:
+    return [sys.executable, "-m", f"mim_nnunet.cli.{module}"]
+
+
+class Study:
+    def __init__(self, out: Path, s: Settings):
+        from mim_nnunet.nnunet.paths import ensure_ext_trainer
+
+        self.out, self.s = out, s
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.raw = out / "nnUNet_raw"
+        self.pre = out / "nnUNet_preprocessed"
+        self.env = dict(os.environ)
+        self.env.update(
+            nnUNet_raw=str(self.raw), nnUNet_preprocessed=str(self.pre), nnUNet_results=str(out / "unused"),
+            nnUNet_n_proc_DA=self.env.get("nnUNet_n_proc_DA", "2"), MPLBACKEND="Agg",
+            PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), self.env.get("PYTHONPATH")])),
+        )  # fmt: skip
+        ensure_ext_trainer(self.env)
+        self.logfile = out / "commands.log"
+        self.timings_file = out / "timings.json"
+        self.timings = json.loads(self.timings_file.read_text()) if self.timings_file.is_file() else {}
+
+    def _time(self, key: str, seconds: float) -> None:
+        self.timings[key] = round(seconds, 1)
+        self.timings_file.write_text(json.dumps(self.timings, indent=2))
+
+    # 1. data ---------------------------------------------------------------------------------------------------
+    def data(self) -> None:
+        from mim_nnunet.data.phantoms import write_nnunet_dataset, write_unlabeled_corpus
+
+        s = self.s
+        corpus = self.out / "corpus"
+        if not (corpus / f"phantom_{s.corpus - 1:04d}.nii.gz").is_file():
+            t0 = time.perf_counter()
+            write_unlabeled_corpus(corpus, s.corpus, seed=s.data_seed, shape_mm=s.shape_mm)
+            self._time("corpus", time.perf_counter() - t0)
+        if not (self.raw / DATASET / "dataset.json").is_file():
+            t0 = time.perf_counter()
+            write_nnunet_dataset(
+                self.raw, DATASET_ID, NAME, max(s.ks) + s.val, s.test, seed=s.data_seed, shape_mm=s.shape_mm
+            )
+            self._time("dataset", time.perf_counter() - t0)
+
+    # 2. pre-training -------------------------------------------------------------------------------------------
+    def checkpoint(self, arm: str) -> Path:
+        return self.out / "pretrain" / arm / "checkpoint_final.safetensors"
+
+    def pretrained_arms(self) -> list[str]:
+        return [a for a in self.s.arms if ARMS[a].pretrain_args is not None]
+
+    def pretrain(self) -> None:
+        s = self.s
+        for arm in self.pretrained_arms():
+            run = self.out / "pretrain" / arm
+            if self.checkpoint(arm).is_file():
+                continue
+            cmd = _mim("pretrain") + [
+                "-i", str(self.out / "corpus"), "-o", str(run), "--cache", str(self.out / "pretrain" / "cache"),
+                "--preset", s.preset, "--max-steps", str(s.pretrain_steps), "--batch-size", str(s.pretrain_batch),
+                "--lr", str(s.pretrain_lr), "--save-every", str(max(1, s.pretrain_steps // 4)), "--device", "cpu",
+                "--seed", "0", "--no-progress", *ARMS[arm].pretrain_args,
+            ]  # fmt: skip
+            if (run / "resume_state.pt").is_file():
+                cmd.append("--resume")
+            self._time(f"pretrain:{arm}", _run(cmd, self.env, self.logfile))
+
+    # 3. planning -----------------------------------------------------------------------------------------------
+    def plans_name(self, arm: str) -> str:
+        if ARMS[arm].plans == "stock":
+            return STOCK_PLANS
+        source = arm if ARMS[arm].pretrain_args is not None else self.pretrained_arms()[0]
+        return f"{MIM_PLANS}_{source}"
+
+    def plan(self) -> None:
+        s = self.s
+        folder = self.pre / DATASET
+        mim_arms = [a for a in s.arms if ARMS[a].plans == "mim"]
+        if mim_arms and not self.pretrained_arms():
+            raise ValueError(f"arms {mim_arms} need MiM plans, which need a pre-trained arm (e.g. MiM)")
+        first = None
+        for arm in self.pretrained_arms():
+            name = self.plans_name(arm)
+            if (folder / f"{name}.json").is_file():
+                first = first or json.loads((folder / f"{name}.json").read_text())
+                continue
+            cmd = _mim("plan") + [
+                "-d", str(DATASET_ID), "-pt", str(self.checkpoint(arm)), "-np", "2", "-npfp", "2",
+                "-gpu_memory_target", str(s.mim_memory_target), "-plans_name", name,
+            ] + (["--no_pp"] if first is not None else [])  # fmt: skip
+            self._time(f"plan:{arm}", _run(cmd, self.env, self.logfile))
+            plans = json.loads((folder / f"{name}.json").read_text())
+            if first is None:
+                first = plans
+            else:  # same network and preprocessing, another checkpoint: share the first arm's preprocessed data
+                a, b = first["configurations"]["3d_fullres"], plans["configurations"]["3d_fullres"]
+                for key in ("spacing", "patch_size", "architecture", "normalization_schemes"):
+                    if a[key] != b[key]:
+                        raise RuntimeError(
+                            f"plans {name}: {key} {b[key]} differs from the first arm's {a[key]}"
+                        )
+                b["data_identifier"] = a["data_identifier"]
+                (folder / f"{name}.json").write_text(json.dumps(plans, indent=2))
+        if any(ARMS[a].plans == "stock" for a in s.arms) and not (folder / f"{STOCK_PLANS}.json").is_file():
+            spacing = first["configurations"]["3d_fullres"]["spacing"] if first else [1.5, 1.5, 1.5]
+            if not (folder / "dataset_fingerprint.json").is_file():
+                _run([_exe("nnUNetv2_extract_fingerprint"), "-d", str(DATASET_ID), "-np", "2"], self.env,
+                     self.logfile)  # fmt: skip
+            t = _run(
+                [_exe("nnUNetv2_plan_experiment"), "-d", str(DATASET_ID), "-gpu_memory_target",
+                 str(s.stock_memory_target), "-overwrite_target_spacing", *map(str, spacing),
+                 "-overwrite_plans_name", STOCK_PLANS], self.env, self.logfile)  # fmt: skip
+            t += _run(
+                [_exe("nnUNetv2_preprocess"), "-d", str(DATASET_ID), "-plans_name", STOCK_PLANS, "-c",
+                 "3d_fullres", "-np", "2"], self.env, self.logfile)  # fmt: skip
+            self._time("plan:stock", t)
+        # one fold per k: the first k training cases; the same validation cases for every fold
+        cases = [f"{NAME}_tr{i:03d}" for i in range(max(s.ks) + s.val)]
+        val = cases[max(s.ks) :]
+        splits = [{"train": cases[:k], "val": val} for k in s.ks]
+        (folder / "splits_final.json").write_text(json.dumps(splits, indent=2))
+
+    # 4. fine-tuning, prediction, scoring -----------------------------------------------------------------------
+    def run_id(self, arm: str, k: int, seed: int) -> str:
+        return f"{arm}_k{k}_s{seed}"
+
+    def result_path(self, arm: str, k: int, seed: int) -> Path:
+        return self.out / "runs" / f"{self.run_id(arm, k, seed)}.json"
+
+    def finetune(self, arm: str, k: int, seed: int) -> None:
+        from mim_nnunet.submission.evaluate import evaluate_folders
+
+        s, a = self.s, ARMS[arm]
+        if self.result_path(arm, k, seed).is_file():
+            return
+        run = self.out / "runs" / self.run_id(arm, k, seed)
+        results = run / "nnUNet_results"
+        fold = s.ks.index(k)
+        epochs = s.stock_epochs if a.plans == "stock" and s.stock_epochs else s.epochs
+        env = dict(self.env, nnUNet_results=str(results), MIM_NNUNET_STUDY_EPOCHS=str(epochs),
+                   MIM_NNUNET_STUDY_ITERS=str(s.iters), MIM_NNUNET_STUDY_SEED=str(seed))  # fmt: skip
+        plans = self.plans_name(arm)
+        model = results / DATASET / f"{a.trainer}__{plans}__3d_fullres" / f"fold_{fold}"
+        logfile = run / "log.txt"
+        run.mkdir(parents=True, exist_ok=True)
+        train_s = predict_s = None
+        if not (model / "checkpoint_final.pth").is_file():
+            cmd = [_exe("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", str(fold), "-tr", a.trainer, "-p", plans,
+                   "-device", "cpu"]  # fmt: skip
+            if (model / "checkpoint_latest.pth").is_file():
+                cmd.append("--c")
+            train_s = _run(cmd, env, logfile)
+        pred = run / "predictions"
+        predict_s = _run(
+            [_exe("nnUNetv2_predict"), "-i", str(self.raw / DATASET / "imagesTs"), "-o", str(pred), "-d",
+             str(DATASET_ID), "-c", "3d_fullres", "-f", str(fold), "-tr", a.trainer, "-p", plans, "-device", "cpu",
+             "--disable_tta", "-chk", "checkpoint_final.pth", "-npp", "1", "-nps", "1"], env, logfile)  # fmt: skip
+        ev = evaluate_folders(pred, self.raw / DATASET / "labelsTs", s.tolerance)
+        names = {
+            v: n for n, v in json.loads((self.raw / DATASET / "dataset.json").read_text())["labels"].items()
+        }
+        result = {
+            "arm": arm, "k": k, "seed": seed, "trainer": a.trainer, "plans": plans,
+            "iterations": epochs * s.iters, "train_seconds": train_s, "predict_seconds": predict_s,
+            "n_test": ev["n_cases"], "tolerance_mm": s.tolerance, "foreground_mean": ev["foreground_mean"],
+            "per_organ": {names[int(lbl)]: v for lbl, v in ev["mean"].items()},
+            "patch_size": json.loads((self.pre / DATASET / f"{plans}.json").read_text())["configurations"][
+                "3d_fullres"]["patch_size"],
+        }  # fmt: skip
+        self.result_path(arm, k, seed).write_text(json.dumps(result, indent=2))
+        log.info("%s: Dice %.3f NSD %.3f", self.run_id(arm, k, seed), *ev["foreground_mean"].values())
+
+    def all_runs(self) -> list[tuple[str, int, int]]:
+        return [(arm, k, seed) for k in self.s.ks for seed in self.s.seeds for arm in self.s.arms]
+
+
+# 5. report ---------------------------------------------------------------------------------------------------
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    v = np.asarray(values, dtype=float)
+    return float(np.nanmean(v)), float(np.nanstd(v, ddof=1)) if len(v) > 1 else 0.0
+
+
+def build_report(out: Path, s: Settings, report_dir: Path) -> dict:
+    """study.json, study.md (the marked block) and study_dice_vs_k.png from the run results under ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs, missing = [], []
+    for k in s.ks:
+        for seed in s.seeds:
+            for arm in s.arms:
+                p = out / "runs" / f"{arm}_k{k}_s{seed}.json"
+                (runs.append(json.loads(p.read_text())) if p.is_file() else missing.append(p.stem))
+    cells = []
+    for arm in s.arms:
+        for k in s.ks:
+            rs = [r for r in runs if r["arm"] == arm and r["k"] == k]
+            if not rs:
+                cells.append({"arm": arm, "k": k, "n_seeds": 0})
+                continue
+            dice, nsd = (_mean_sd([r["foreground_mean"][m] for r in rs]) for m in ("Dice", "NSD"))
+            organs = {o: _mean_sd([r["per_organ"][o]["Dice"] for r in rs])[0] for o in rs[0]["per_organ"]}
+            cells.append({
+                "arm": arm, "k": k, "n_seeds": len(rs), "seeds": sorted(r["seed"] for r in rs),
+                "dice_mean": dice[0], "dice_sd": dice[1], "nsd_mean": nsd[0], "nsd_sd": nsd[1],
+                "organ_dice_mean": organs,
+                "train_seconds_mean": _mean_sd([r["train_seconds"] or np.nan for r in rs])[0],
+                "predict_seconds_mean": _mean_sd([r["predict_seconds"] for r in rs])[0],
+                "patch_size": rs[0]["patch_size"], "iterations": rs[0]["iterations"],
+            })  # fmt: skip
+    timings_file = out / "timings.json"
+    report = {
+        "settings": asdict(s),
+        "arms": {
+            a: {
+                "label": ARMS[a].label,
+                "trainer": ARMS[a].trainer,
+                "plans": ARMS[a].plans,
+                "pretrain_args": ARMS[a].pretrain_args,
+            }
+            for a in s.arms
+        },  # fmt: skip
+        "cells": cells,
+        "runs": runs,
+        "missing_runs": missing,
+        "complete": not missing,
+        "timings_seconds": json.loads(timings_file.read_text()) if timings_file.is_file() else {},
+    }
+    report_dir.mkdir(parents=True, exist_ok=True)
+    (report_dir / "study.json").write_text(json.dumps(report, indent=2, default=str))
+
+    # markdown block
+    organs = sorted({o for c in cells for o in c.get("organ_dice_mean", {})})
+    lines = [
+        REPORT_BEGIN,
+        "",
+        f"Foreground mean over {s.test} held-out test phantoms, mean +- sd over seeds {list(s.seeds)}; "
+        f"fine-tuning iterations per run in the table (equal for all arms unless the stock arm was given equal "
+        f"wall-clock instead, `--stock-epochs`); NSD at {s.tolerance:g} mm. "
+        f"Pre-training: preset {s.preset}, {s.pretrain_steps} steps of {s.pretrain_batch} crops on "
+        f"{s.corpus} phantoms.",
+        "",
+        "| arm | k | seeds | Dice | NSD | "
+        + " | ".join(f"{o} Dice" for o in organs)
+        + " | iterations | patch | train s |",
+        "|---|---|---|---|---|" + "---|" * len(organs) + "---|---|---|",
+    ]
+    for c in cells:
+        if not c["n_seeds"]:
+            lines.append(f"| {c['arm']} | {c['k']} | 0 | (missing) | | " + "| " * len(organs) + "| | |")
+            continue
+        lines.append(
+            f"| {c['arm']} | {c['k']} | {c['n_seeds']} | {c['dice_mean']:.3f} +- {c['dice_sd']:.3f} "
+            f"| {c['nsd_mean']:.3f} +- {c['nsd_sd']:.3f} | "
+            + " | ".join(f"{c['organ_dice_mean'].get(o, float('nan')):.3f}" for o in organs)
+            + f" | {c['iterations']} | {'x'.join(map(str, c['patch_size']))} | {c['train_seconds_mean']:.0f} |"
+        )
+    lines += [
+        "",
+        "Arms: " + "; ".join(f"**{a}** = {ARMS[a].label} (`{ARMS[a].trainer}`)" for a in s.arms) + ".",
+    ]
+    if missing:
+        lines += ["", f"**Incomplete**: {len(missing)} of {len(missing) + len(runs)} runs missing: "
+                  + ", ".join(missing) + "."]  # fmt: skip
+    else:
+        lines += ["", f"Complete: all {len(runs)} runs."]
+    lines += ["", "![Dice against k](study_dice_vs_k.png)", "", REPORT_END]
+    md = report_dir / "study.md"
+    block = "\n".join(lines)
+    text = (
+        md.read_text() if md.is_file() else "# Label-efficiency study\n\n" + REPORT_BEGIN + "\n" + REPORT_END
+    )
+    if REPORT_BEGIN in text and REPORT_END in text:
+        head, rest = text.split(REPORT_BEGIN, 1)
+        text = head + block + rest.split(REPORT_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    md.write_text(text)
+
+    # plot
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, arm in enumerate(s.arms):
+        cs = [c for c in cells if c["arm"] == arm and c["n_seeds"]]
+        if cs:
+            dodge = 1 + 0.03 * (
+                i - len(s.arms) / 2
+            )  # so that error bars at the same k do not hide each other
+            x = np.asarray([c["k"] for c in cs], float) * dodge
+            ax.errorbar(x, [c["dice_mean"] for c in cs], yerr=[c["dice_sd"] for c in cs], marker="o",
+                        capsize=3, label=f"{arm} (n={min(c['n_seeds'] for c in cs)})")  # fmt: skip
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(s.ks), [str(k) for k in s.ks])
+    ax.set_xlabel("labeled training cases k")
+    ax.set_ylabel(f"foreground Dice ({s.test} test cases)")
+    ax.set_ylim(0, 1)
+    ax.set_title("Dice against k" + ("" if not missing else f" (incomplete: {len(missing)} runs missing)"))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(report_dir / "study_dice_vs_k.png", dpi=120)
+    plt.close(fig)
+    return report
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--quick", action="store_true", help="toy sizes, 1 seed, 2 arms: the same code path in minutes"
+    )
+    p.add_argument("--out", type=Path, default=None,
+                   help="work folder (default work_dirs/study, or work_dirs/study_quick with --quick)")  # fmt: skip
+    p.add_argument("--report-dir", type=Path, default=None,
+                   help="where study.md/.json/.png go (default docs/, or the work folder with --quick)")  # fmt: skip
+    p.add_argument("--arms", nargs="+", choices=list(ARMS), default=None, help="arms to run (default: all)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="fine-tuning seeds (default 0 1 2)")
+    p.add_argument("--ks", type=int, nargs="+", default=None, help="labeled training cases (default 2 8)")
+    p.add_argument(
+        "--corpus", type=int, default=None, help="unlabeled phantoms for pre-training (default 100)"
+    )
+    p.add_argument("--pretrain-steps", type=int, default=None, help="optimizer steps per pre-training run")
+    p.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (each --iters iterations)")
+    p.add_argument("--iters", type=int, default=None, help="fine-tuning iterations per epoch")
+    p.add_argument(
+        "--stock-epochs",
+        type=int,
+        default=None,
+        help="epochs of the stock nnU-Net arm when equal iterations do not fit (default: --epochs)",
+    )
+    p.add_argument("--report-only", action="store_true", help="only rebuild the report from existing results")
+    p.add_argument("--stages", nargs="+", default=["data", "pretrain", "plan", "finetune", "report"],
+                   choices=["data", "pretrain", "plan", "finetune", "report"], help="stages to run (default all)")  # fmt: skip
+    a = p.parse_args(argv)
+    s = Settings(**QUICK) if a.quick else Settings()
+    for name in ("arms", "seeds", "ks"):
+        if getattr(a, name) is not None:
+            setattr(s, name, tuple(getattr(a, name)))
+    for name in ("corpus", "pretrain_steps", "epochs", "iters", "stock_epochs"):
+        if getattr(a, name) is not None:
+            setattr(s, name, getattr(a, name))
+    a.out = (a.out or REPO / "work_dirs" / ("study_quick" if a.quick else "study")).resolve()
+    a.report_dir = (a.report_dir or (a.out if a.quick else REPO / "docs")).resolve()
+    return a, s
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    a, s = parse_args(argv)
+    stages = ["report"] if a.report_only else a.stages
+    study = Study(a.out, s)
+    (a.out / "settings.json").write_text(json.dumps(asdict(s), indent=2))
+    t0 = time.perf_counter()
+    if "data" in stages:
+        study.data()
+    if "pretrain" in stages:
+        study.pretrain()
+    if "plan" in stages:
+        study.plan()
+    if "finetune" in stages:
+        from tqdm import tqdm
+
+        todo = study.all_runs()
+        for arm, k, seed in tqdm(todo, desc="fine-tune + predict", unit="run"):
+            study.finetune(arm, k, seed)
+    report = build_report(a.out, s, a.report_dir)
+    log.info("report: %s (%d runs, %d missing) in %.0f s", a.report_dir / "study.md", len(report["runs"]),
+             len(report["missing_runs"]), time.perf_counter() - t0)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

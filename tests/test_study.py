@@ -1,0 +1,132 @@
+"""The label-efficiency study (issue 10): its trainers, its report from run results, and ``--quick`` end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _study_module():
+    spec = importlib.util.spec_from_file_location(
+        "study_label_efficiency", REPO / "benchmarks/study_label_efficiency.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "name", ["nnUNetTrainerMiM_study", "nnUNetTrainerMiM_scratch_study", "nnUNetTrainerStock_study"]
+)
+def test_stock_lookup_finds_study_trainers(monkeypatch, name):
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    import mim_nnunet.nnunet.study_trainers as module
+    from mim_nnunet.nnunet.paths import ensure_ext_trainer
+
+    monkeypatch.delenv("nnUNet_extTrainer", raising=False)
+    env: dict = {}
+    ensure_ext_trainer(env)
+    monkeypatch.setenv("nnUNet_extTrainer", env["nnUNet_extTrainer"])
+    assert recursive_find_trainer_class_by_name(name) is getattr(module, name)
+
+
+def test_study_trainer_copy_and_variants():
+    import mim_nnunet.nnunet
+    from mim_nnunet.nnunet import study_trainers as st
+    from mim_nnunet.nnunet.trainer import nnUNetTrainerMiM
+
+    installed = Path(mim_nnunet.nnunet.__file__).parent / "ext_trainers" / "nnUNetTrainerStudy.py"
+    assert installed.read_text() == (REPO / "trainers" / "nnUNetTrainerStudy.py").read_text()
+    assert st.nnUNetTrainerMiM_study.load_pretrained and not st.nnUNetTrainerMiM_scratch_study.load_pretrained
+    assert issubclass(st.nnUNetTrainerMiM_study, nnUNetTrainerMiM)
+    assert not issubclass(st.nnUNetTrainerStock_study, nnUNetTrainerMiM)
+
+
+def test_study_env_is_validated(monkeypatch):
+    from mim_nnunet.nnunet.study_trainers import EPOCHS_ENV, _env_int
+
+    monkeypatch.setenv(EPOCHS_ENV, "12")
+    assert _env_int(EPOCHS_ENV, 3) == 12
+    monkeypatch.setenv(EPOCHS_ENV, "ten")
+    with pytest.raises(ValueError, match="MIM_NNUNET_STUDY_EPOCHS='ten'"):
+        _env_int(EPOCHS_ENV, 3)
+
+
+def _fake_run(arm: str, k: int, seed: int, dice: float) -> dict:
+    organs = {o: {"Dice": dice, "NSD": dice} for o in ("liver", "spleen", "kidneys")}
+    return {
+        "arm": arm, "k": k, "seed": seed, "trainer": "T", "plans": "P", "iterations": 10, "train_seconds": 5.0,
+        "predict_seconds": 2.0, "n_test": 2, "tolerance_mm": 2.0, "foreground_mean": {"Dice": dice, "NSD": dice},
+        "per_organ": organs, "patch_size": [32, 32, 32],
+    }  # fmt: skip
+
+
+def test_report_from_partial_results(tmp_path):
+    """The report is re-built from whatever run results exist, says which are missing, keeps the page's text."""
+    study = _study_module()
+    s = study.Settings(ks=(2, 8), seeds=(0, 1), arms=("MiM", "scratch"), test=2)
+    (tmp_path / "runs").mkdir()
+    done = [("MiM", 2, 0, 0.5), ("MiM", 2, 1, 0.7), ("MiM", 8, 0, 0.8), ("scratch", 2, 0, 0.3)]
+    for arm, k, seed, dice in done:
+        (tmp_path / "runs" / f"{arm}_k{k}_s{seed}.json").write_text(json.dumps(_fake_run(arm, k, seed, dice)))
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "study.md").write_text(
+        f"# Study\n\nhand-written text\n\n{study.REPORT_BEGIN}\nold\n{study.REPORT_END}\n"
+    )
+    report = study.build_report(tmp_path, s, docs)
+    cell = next(c for c in report["cells"] if c["arm"] == "MiM" and c["k"] == 2)
+    assert (
+        cell["n_seeds"] == 2
+        and cell["dice_mean"] == pytest.approx(0.6)
+        and cell["dice_sd"] == pytest.approx(0.1414, abs=1e-3)
+    )
+    assert sorted(report["missing_runs"]) == ["MiM_k8_s1", "scratch_k2_s1", "scratch_k8_s0", "scratch_k8_s1"]
+    assert not report["complete"]
+    md = (docs / "study.md").read_text()
+    assert "hand-written text" in md and "old" not in md and md.count(study.REPORT_BEGIN) == 1
+    assert "| MiM | 2 | 2 | 0.600 +- 0.141 |" in md and "| scratch | 8 | 0 | (missing) |" in md
+    assert "**Incomplete**: 4 of 8 runs missing" in md
+    assert json.loads((docs / "study.json").read_text())["missing_runs"] == report["missing_runs"]
+    assert (docs / "study_dice_vs_k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_arms_are_one_entry_each():
+    study = _study_module()
+    assert {"MiM", "MAE", "scratch", "nnUNet"} <= set(study.ARMS)
+    assert study.ARMS["MAE"].pretrain_args == ("--levels", "1") and study.ARMS["MiM"].pretrain_args == ()
+    assert study.ARMS["MiM"].trainer == study.ARMS["MAE"].trainer  # the same fine-tuning for both checkpoints
+    assert study.ARMS["nnUNet"].plans == "stock" and study.ARMS["scratch"].pretrain_args is None
+
+
+@pytest.mark.slow
+def test_quick_study_end_to_end(tmp_path):
+    """``--quick``: data, pre-training, planning, fine-tuning, prediction, scoring and the report, twice
+    (the second run finds every result and only re-builds the report)."""
+    study = _study_module()
+    out = tmp_path / "study"
+    assert study.main(["--quick", "--out", str(out)]) == 0
+    s = study.Settings(**study.QUICK)
+    report = json.loads((out / "study.json").read_text())
+    assert report["complete"] and len(report["runs"]) == len(s.arms) * len(s.ks) * len(s.seeds)
+    assert {c["arm"] for c in report["cells"]} == set(s.arms) and {c["k"] for c in report["cells"]} == set(
+        s.ks
+    )
+    for c in report["cells"]:
+        assert 0.0 <= c["dice_mean"] <= 1.0 and 0.0 <= c["nsd_mean"] <= 1.0
+    md = (out / "study.md").read_text()
+    for arm in s.arms:
+        for k in s.ks:
+            assert f"| {arm} | {k} | 1 |" in md
+    assert (out / "study_dice_vs_k.png").stat().st_size > 1000
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")}
+    assert study.main(["--quick", "--out", str(out)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")} == stamps  # resumed, not re-run
