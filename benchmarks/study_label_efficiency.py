@@ -61,10 +61,13 @@ class Arm:
     label: str = ""
 
 
-#: The arms, in report order. Adding an arm is one entry; e.g. an EMA alignment target (issue 10, point 3)
-#: once mim_nnunet_pretrain has the option:  "MiM-EMA": Arm("nnUNetTrainerMiM_study", ("--<ema option>",)).
+#: The arms, in report order. Adding an arm is one entry. "MiM-EMA" is there because the paper's alignment
+#: heads collapse on the phantoms (docs/benchmarks.md, "Alignment collapse"; issue 10, point 3).
 ARMS: dict[str, Arm] = {
     "MiM": Arm("nnUNetTrainerMiM_study", (), label="MiM (3 levels + alignment)"),
+    "MiM-EMA": Arm(
+        "nnUNetTrainerMiM_study", ("--align-target", "ema"), label="MiM, EMA alignment target (BYOL-style)"
+    ),
     "MAE": Arm("nnUNetTrainerMiM_study", ("--levels", "1"), label="MAE ablation (levels=1, no alignment)"),
     "scratch": Arm("nnUNetTrainerMiM_scratch_study", None, label="same network, random init"),
     "nnUNet": Arm("nnUNetTrainerStock_study", None, plans="stock", label="stock nnU-Net"),
