@@ -401,6 +401,10 @@ def run_pretraining(
         if dist.is_main:
             if problem := check_run_folder(out, resume, overwrite):
                 raise RunFolderError(problem)
+            # temporaries of writes cut short by SIGKILL (the files they were to replace are intact)
+            for name in (*RUN_FILES, PROGRESS):
+                for tmp in out.glob(f".{name}.*.tmp"):
+                    tmp.unlink(missing_ok=True)
             if overwrite and (gone := clear_run_folder(out)):
                 log.warning("--overwrite: removed %s from %s", ", ".join(gone), out)
 
