@@ -181,6 +181,7 @@ def cache_user(cache_dir: str | Path, digest: str, purpose: str) -> Iterator[Pat
     if own:
         write_json(path, {"pid": os.getpid(), "host": _host(), "start": _start_time(os.getpid()),
                           "digest": digest, "purpose": purpose, "since": time.time()})  # fmt: skip
+        other_users(cache_dir)  # on the way, removes registrations of processes gone without cleaning up
     try:
         yield path
     finally:
