@@ -51,7 +51,7 @@ from ..checkpoint import (
 )
 from ..model.config import EXECUTION_FIELDS, TOKEN_SIZE
 from ..plots import plot_progress, save_previews
-from .distributed import DistInfo, any_rank, barrier
+from .distributed import DistInfo, any_rank
 from .engine import AUTOCAST, train_steps
 from .optim import build_optimizer, lr_at, scaled_lr
 from .sampler import CropOrder, EpochCrops, ignore_stop_signals
@@ -434,8 +434,7 @@ def run_pretraining(
 
     preview_crop = EpochCrops(crops)[0, 0][None] if dist.is_main else None
 
-    def save(step: int, final: bool = False) -> None:
-        """Called on every rank (it ends in a barrier); rank 0 writes."""
+    def write(step: int, final: bool) -> None:
         nonlocal pair_complete
         if dist.is_main:
             if pair_complete:  # keep the whole pair on disk until the new one is whole too
@@ -470,7 +469,19 @@ def run_pretraining(
                 out / CHECKPOINT_LATEST,
                 " and " + CHECKPOINT_FINAL if final else "",
             )
-        barrier(dist)
+
+    def save(step: int, final: bool = False) -> None:
+        """Called on every rank; rank 0 writes. It ends in a collective, which also carries a failure of rank 0's
+        writes (disk full, permissions) to every rank instead of leaving them waiting."""
+        error: Exception | None = None
+        try:
+            write(step, final)
+        except Exception as e:  # noqa: BLE001 -- re-raised below, on every rank
+            error = e
+        if any_rank(error is not None, dist):
+            if error is not None:
+                raise error
+            raise RuntimeError(f"rank 0 failed to save step {step} (its log says why)")
 
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
