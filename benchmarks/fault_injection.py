@@ -160,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, default=Path("/tmp/mim_fault_injection"))
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT))
+    # A shell starts background jobs with SIGINT ignored, and children inherit it: give them the default, as a
+    # terminal's foreground job has.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
     from mim_nnunet.checkpoint import load_checkpoint
 
@@ -205,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
             os.killpg(proc.pid, signal.SIGKILL)  # what a cluster does to leftovers of the job
         except ProcessLookupError:
             pass
+        if rc_kill == 0:
+            landed += " (the run ended before the signal)"
         resumes, rc = 0, None
         while resumes < args.max_resumes and rc != 0:
             resumes += 1

@@ -398,6 +398,20 @@ def main(argv: list[str] | None = None) -> int:
             shutdown(dist)
 
 
+def _other_cases_indexed(cache: Path, saved: dict, settings) -> bool:
+    from ..data.preprocess import cache_identity
+
+    try:
+        now = cache_identity(cache)
+    except RuntimeError:
+        return False
+    return (
+        now["settings_digest"] == now["index_digest"] == settings.digest()
+        and "cases_sha256" in saved
+        and now["cases_sha256"] != saved["cases_sha256"]
+    )
+
+
 def _run(args: argparse.Namespace, out: Path, cache: Path, settings, dist) -> int:
     from ..data.loader import CropDataset
     from ..data.preprocess import cache_identity, check_cache_identity, load_fingerprint, preprocess_corpus
@@ -406,14 +420,21 @@ def _run(args: argparse.Namespace, out: Path, cache: Path, settings, dist) -> in
 
     failed, interrupted = False, None
     if dist.is_main:
-        # SIGTERM (Slurm, scancel) like Ctrl-C: stop preprocessing with a line, not a traceback; finished cases
-        # stay in the cache and the same command continues.
-        previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+        # SIGTERM (Slurm, scancel) and SIGINT: stop preprocessing with a line, not a traceback; finished cases
+        # stay in the cache and the same command continues. Installed explicitly, as training does: a process
+        # started in the background by a shell inherits an ignored SIGINT.
+        previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
+            saved = getattr(args, "saved_cache_identity", {})
             if not (args.resume and (cache / "fingerprint.json").is_file()):
                 preprocess_corpus(args.input, cache, settings, args.preprocess_workers, args.progress)
+            elif _other_cases_indexed(cache, saved, settings):
+                # same settings, but the index lists the cases of another run sharing the cache: index this
+                # run's inputs again (finished cases are reused; nothing is deleted)
+                log.warning("%s/index.json lists another run's cases: indexing this run's inputs again", cache)
+                preprocess_corpus(args.input, cache, settings, args.preprocess_workers, args.progress)
             if args.resume:  # the run must continue on the data it began with
-                check_cache_identity(cache, getattr(args, "saved_cache_identity", {}), settings)
+                check_cache_identity(cache, saved, settings)
         except (ValueError, RuntimeError) as e:
             log.error("%s", e)
             failed = True
@@ -425,7 +446,8 @@ def _run(args: argparse.Namespace, out: Path, cache: Path, settings, dist) -> in
             )  # fmt: skip
             failed = True
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for s, handler in previous.items():
+                signal.signal(s, handler)
     if any_rank(failed, dist):  # also the barrier: the other ranks wait here for rank 0's cache
         return 128 + interrupted if interrupted else 2
     if args.preprocess_only:
