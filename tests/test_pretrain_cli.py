@@ -227,3 +227,17 @@ def test_sigterm_to_the_process_group_saves_and_exits(phantom_cache, tmp_path):
     assert load_resume_state(run / "resume_state.pt")["step"] == steps
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
     assert not list((cache / "users").glob("*.json"))
+
+
+def test_resume_reindexes_only_a_cache_with_the_same_settings(phantom_cache):
+    """Another run sharing the cache with the same settings may have replaced index.json by its own cases: resume
+    indexes this run's inputs again (nothing deleted); other settings are never re-indexed, but refused."""
+    from mim_nnunet.cli.pretrain import _other_cases_indexed
+    from mim_nnunet.data.preprocess import PreprocessSettings, cache_identity
+
+    _, cache = phantom_cache
+    mine = cache_identity(cache)
+    assert not _other_cases_indexed(cache, mine, PreprocessSettings())
+    assert _other_cases_indexed(cache, mine | {"cases_sha256": "0" * 64}, PreprocessSettings())
+    assert not _other_cases_indexed(cache, mine | {"cases_sha256": "0" * 64}, PreprocessSettings(spacing=(2.0,) * 3))
+    assert not _other_cases_indexed(cache, {}, PreprocessSettings())  # runs that recorded no identity
