@@ -23,10 +23,13 @@ import math
 import multiprocessing as mp
 import os
 import re
+import signal
 import struct
+import threading
 import zlib
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -415,6 +418,20 @@ def _invalidate(cache_dir: Path, settings: PreprocessSettings) -> None:
     write_json(sfile, settings.to_dict())
 
 
+@contextmanager
+def _children_ignore_sigint():
+    """Processes spawned inside inherit an ignored SIGINT: Ctrl-C (sent to the whole terminal group) is for the
+    main process, which cancels the queued cases; workers would only print KeyboardInterrupt tracebacks."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _ping() -> bool:
     return True
 
@@ -423,7 +440,9 @@ def _check_workers_start(ctx) -> None:
     """Tell a broken environment (workers that cannot even start) from a case that kills its worker."""
     try:
         with ProcessPoolExecutor(1, mp_context=ctx, initializer=_worker_init) as ex:
-            ex.submit(_ping).result()
+            with _children_ignore_sigint():
+                fut = ex.submit(_ping)
+            fut.result()
     except BrokenProcessPool:
         raise RuntimeError(
             "preprocessing worker processes cannot start (spawned processes must be able to import the main "
@@ -443,19 +462,26 @@ def _run_pool(todo, cache_dir, settings, num_workers, progress) -> dict[str, tup
     ctx = mp.get_context("spawn")  # no fork of a process that may hold torch/OpenMP threads
     crashed: list[CaseSource] = []
     with ProcessPoolExecutor(min(num_workers, len(todo)), mp_context=ctx, initializer=_worker_init) as ex:
-        futs = {ex.submit(_worker, src, str(cache_dir), settings): src for src in todo}
-        for f in as_completed(futs):
-            src = futs[f]
-            try:
-                results[src.case_id] = f.result()
-            except BrokenProcessPool:
-                crashed.append(src)
-            bar.update()
+        with _children_ignore_sigint():  # the workers are spawned by submit()
+            futs = {ex.submit(_worker, src, str(cache_dir), settings): src for src in todo}
+        try:
+            for f in as_completed(futs):
+                src = futs[f]
+                try:
+                    results[src.case_id] = f.result()
+                except BrokenProcessPool:
+                    crashed.append(src)
+                bar.update()
+        except BaseException:  # interrupted: finish the cases in flight only
+            ex.shutdown(wait=False, cancel_futures=True)
+            raise
     # a worker died (segfault in a reader, OOM kill): retry those cases alone to find the culprit
     for src in crashed:
         try:
             with ProcessPoolExecutor(1, mp_context=ctx, initializer=_worker_init) as ex:
-                results[src.case_id] = ex.submit(_worker, src, str(cache_dir), settings).result()
+                with _children_ignore_sigint():
+                    fut = ex.submit(_worker, src, str(cache_dir), settings)
+                results[src.case_id] = fut.result()
         except BrokenProcessPool:
             _check_workers_start(ctx)
             results[src.case_id] = (
