@@ -317,3 +317,28 @@ def test_cache_files_honour_the_umask(tmp_path, phantom_corpus):
     for path in (tmp_path / "cache").rglob("*"):
         if path.is_file():
             assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+
+
+def _report_sigint(queue) -> None:
+    import signal as sig
+
+    queue.put(sig.getsignal(sig.SIGINT) == sig.SIG_IGN)
+
+
+def test_preprocessing_workers_ignore_sigint():
+    """Ctrl-C reaches the whole terminal group: spawned workers must leave it to the main process (which cancels
+    the queued cases and prints one line) instead of each printing a KeyboardInterrupt traceback."""
+    import multiprocessing as mp
+    import signal as sig
+
+    from mim_nnunet.data.preprocess import _children_ignore_sigint
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    before = sig.getsignal(sig.SIGINT)
+    with _children_ignore_sigint():
+        child = ctx.Process(target=_report_sigint, args=(queue,))
+        child.start()
+    assert sig.getsignal(sig.SIGINT) is before  # the parent's handler is back
+    assert queue.get(timeout=120) is True
+    child.join(timeout=60)
