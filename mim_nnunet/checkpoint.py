@@ -2,9 +2,13 @@
 
 One ``.safetensors`` file holds the weights (no pickle: loading a shared checkpoint cannot run code) and, in the
 safetensors header, the JSON metadata of :class:`CheckpointMetadata` under the key ``"mim_nnunet"``. The sha256
-of the weights (tensor names, dtypes, shapes and bytes, in sorted name order) is part of the metadata and is
-verified on load. Writes are atomic (temporary file + ``os.replace``). The resume state (optimizer, scheduler,
-RNG, data position) is a separate file, so losing it never loses weights.
+of the weights (tensor names, dtypes, shapes and bytes, in sorted name order) is part of the metadata, and the
+sha256 of the metadata itself (every other field, weights digest included: spacing, window, architecture, ...)
+is stored next to it (format 2); both are verified on load. Format 1 files (written before the metadata digest)
+stay readable: their weights are verified, their metadata cannot be. Writes are atomic (temporary file +
+``os.replace``) and the files get the usual permissions of the umask (not mkstemp's 0600), so teammates and
+containers running under another user can read them. The resume state (optimizer, scheduler, RNG, data
+position) is a separate file, so losing it never loses weights.
 
 This module depends on nothing of the project but itself.
 """
@@ -14,7 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import tempfile
+import zipfile
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -22,7 +28,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: metadata_sha256 covers the metadata (1: the weights only)
+READABLE_VERSIONS = (1, 2)
 METADATA_KEY = "mim_nnunet"
 AXIS_CONVENTION = "numpy array of SimpleITK.GetArrayFromImage: axes (z, y, x); spacing listed in the same order"
 
@@ -48,6 +55,7 @@ class CheckpointMetadata:
     code_version: str = ""
     format_version: int = FORMAT_VERSION
     weights_sha256: str = ""
+    metadata_sha256: str = ""  # of every other field (format 2); empty in format 1 files
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -75,12 +83,28 @@ def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def metadata_sha256(raw: dict) -> str:
+    """sha256 of a metadata dict (as stored in the header) without its own ``metadata_sha256`` entry."""
+    body = {k: v for k, v in raw.items() if k != "metadata_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def umask_mode(mode: int = 0o666) -> int:
+    """``mode`` less the process umask: what ``open()`` would give a new file."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
 def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp creates 0600 (writers may recreate the file) and the rename keeps it: give the file the mode
+        # a plain open() would.
+        os.chmod(tmp, umask_mode())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -94,6 +118,8 @@ def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor]
     state = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     metadata.weights_sha256 = weights_sha256(state)
     metadata.format_version = FORMAT_VERSION
+    metadata.metadata_sha256 = ""
+    metadata.metadata_sha256 = metadata_sha256(json.loads(metadata.to_json()))
     _atomic_write(Path(path), lambda tmp: save_file(state, tmp, metadata={METADATA_KEY: metadata.to_json()}))
     return metadata.weights_sha256
 
@@ -110,9 +136,22 @@ def read_metadata(path: str | os.PathLike) -> CheckpointMetadata:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
     if METADATA_KEY not in meta:
         raise CheckpointError(f"{path}: a safetensors file, but not a MiM checkpoint (no '{METADATA_KEY}' metadata)")
-    md = CheckpointMetadata.from_json(meta[METADATA_KEY], path)
-    if md.format_version != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format version {md.format_version}, this code reads {FORMAT_VERSION}")
+    text = meta[METADATA_KEY]
+    md = CheckpointMetadata.from_json(text, path)
+    if md.format_version not in READABLE_VERSIONS:
+        raise CheckpointError(
+            f"{path}: checkpoint format version {md.format_version}, this code reads {list(READABLE_VERSIONS)}"
+        )
+    if md.format_version >= 2:
+        raw = json.loads(text)
+        if not raw.get("metadata_sha256"):
+            raise CheckpointError(f"{path}: format {md.format_version} metadata lacks its metadata_sha256")
+        digest = metadata_sha256(raw)
+        if digest != raw["metadata_sha256"]:
+            raise CheckpointError(
+                f"{path}: metadata sha256 {digest[:12]}... does not match the recorded "
+                f"{raw['metadata_sha256'][:12]}... (the metadata was edited or corrupted)"
+            )
     return md
 
 
@@ -166,5 +205,9 @@ def load_resume_state(path: str | os.PathLike) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as e:
         raise CheckpointError(f"{path}: no resume state here") from e
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
-        raise CheckpointError(f"{path}: resume state is truncated or corrupted ({e})") from e
+    except (
+        RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, AttributeError,
+        ImportError, IndexError, KeyError, TypeError, UnicodeDecodeError,
+    ) as e:  # fmt: skip -- what torch.load raises for the many ways a file can be broken
+        first = " ".join(str(e).split())[:160]
+        raise CheckpointError(f"{path}: resume state is truncated or corrupted ({type(e).__name__}: {first})") from e

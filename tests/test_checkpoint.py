@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import pickle
+import stat
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,3 +162,80 @@ def test_resume_state_round_trip_and_truncation(tmp_path, model):
         load_resume_state(path)
     with pytest.raises(CheckpointError, match="no resume state"):
         load_resume_state(tmp_path / "nothing.pt")
+
+
+def _rewrite_metadata(path, edit) -> None:
+    """Change the JSON metadata of a checkpoint as a hand edit would: same tensors, edited header."""
+    from safetensors.torch import load_file
+
+    with ckpt.safe_open(str(path), framework="pt") as f:
+        raw = json.loads(f.metadata()[ckpt.METADATA_KEY])
+    edit(raw)
+    save_file(load_file(str(path)), str(path), metadata={ckpt.METADATA_KEY: json.dumps(raw)})
+
+
+@pytest.mark.parametrize(
+    "field, value", [("spacing", [2.0, 2.0, 2.0]), ("intensity_window", [-500.0, 500.0]), ("preset", "small")]
+)
+def test_edited_metadata_rejected(saved, field, value):
+    _rewrite_metadata(saved, lambda raw: raw.update({field: value}))
+    with pytest.raises(CheckpointError, match=r"ckpt\.safetensors: metadata sha256 .* does not match"):
+        read_metadata(saved)
+    with pytest.raises(CheckpointError, match="metadata sha256"):
+        load_checkpoint(saved)
+
+
+def test_edited_architecture_rejected(saved):
+    _rewrite_metadata(saved, lambda raw: raw["config"].update(depth=raw["config"].get("depth", 0) + 1))
+    with pytest.raises(CheckpointError, match="metadata sha256"):
+        read_metadata(saved)
+
+
+def test_dropping_the_metadata_digest_is_detected(saved):
+    _rewrite_metadata(saved, lambda raw: raw.pop("metadata_sha256"))
+    with pytest.raises(CheckpointError, match="lacks .*metadata_sha256"):
+        read_metadata(saved)
+
+
+def test_format_1_files_without_metadata_digest_stay_readable(tmp_path, model):
+    """Checkpoints written before the metadata was hashed (format 1) load, weights still verified."""
+    path = tmp_path / "old.safetensors"
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    raw = json.loads(_metadata(model).to_json())
+    raw.pop("metadata_sha256", None)
+    raw.update(format_version=1, weights_sha256=ckpt.weights_sha256(state))
+    save_file(state, str(path), metadata={ckpt.METADATA_KEY: json.dumps(raw)})
+    loaded, meta = load_checkpoint(path)
+    assert meta.format_version == 1 and meta.spacing == [1.5, 1.5, 1.5]
+    assert torch.equal(loaded["encoder.norm.weight"], state["encoder.norm.weight"])
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_files_honour_the_umask(tmp_path, model, umask):
+    old = os.umask(umask)
+    try:
+        save_checkpoint(tmp_path / "c.safetensors", model.state_dict(), _metadata(model))
+        save_resume_state(tmp_path / "r.pt", {"step": 1})
+    finally:
+        os.umask(old)
+    for name in ("c.safetensors", "r.pt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"not a pickle at all", b"\x80\x04\x95", pickle.dumps({"step": 1}) + b"junk", b""],
+    ids=["text", "pickle-header", "trailing-junk", "empty"],
+)
+def test_unreadable_resume_state_is_a_checkpoint_error(tmp_path, content):
+    path = tmp_path / "resume_state.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=r"resume_state\.pt: resume state is truncated or corrupted"):
+        load_resume_state(path)
+
+
+def test_resume_state_with_foreign_objects_is_a_checkpoint_error(tmp_path):
+    path = tmp_path / "resume_state.pt"
+    torch.save({"step": 1, "thing": Path("x")}, path)  # not loadable with weights_only
+    with pytest.raises(CheckpointError, match=r"resume_state\.pt: resume state"):
+        load_resume_state(path)

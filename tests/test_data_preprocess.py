@@ -5,6 +5,9 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -255,3 +258,88 @@ def test_unexpected_error_in_one_case_does_not_end_the_run(tmp_path, phantom_cor
     assert len(report.cases) == 2 and len(report.skipped) == 1
     assert report.skipped[0][1] == "error: ValueError: boom second line"
     assert len(list((tmp_path / "cache" / "cases").glob("*.b2nd"))) == 2  # nothing half-written left behind
+
+
+def _register(cache, pid: int, purpose: str = "training run /elsewhere/RUN") -> Path:
+    """A registration as another process writes it (cache.cache_user), for ``pid`` on this host."""
+    from mim_nnunet.data.cache import USERS, _host, _start_time
+
+    path = cache / USERS / f"{_host()}.{pid}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"pid": pid, "host": _host(), "start": _start_time(pid), "digest": "x",
+                                "purpose": purpose, "since": 0}))  # fmt: skip
+    return path
+
+
+def test_cache_in_use_is_never_emptied_for_other_settings(tmp_path, phantom_corpus):
+    from mim_nnunet.data.cache import CacheInUseError
+
+    cache = tmp_path / "cache"
+    inputs = [str(p) for p in phantom_corpus]
+    first = preprocess_corpus(inputs, cache, num_workers=0, progress=False)
+    assert not list((cache / "users").glob("*.json"))  # preprocessing alone leaves no registration behind
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        lock = _register(cache, other.pid)
+        vol = case_paths(cache, first.cases[0])[0]
+        with pytest.raises(CacheInUseError, match=rf"in use by pid {other.pid} on host .*training run /elsewhere/RUN"):
+            preprocess_corpus(inputs, cache, PreprocessSettings(spacing=(2.0, 2.0, 2.0)), num_workers=0,
+                              progress=False)  # fmt: skip
+        assert vol.is_file() and json.loads((cache / "settings.json").read_text())["spacing"] == [1.5, 1.5, 1.5]
+        # the same settings may share it
+        assert preprocess_corpus(inputs, cache, num_workers=0, progress=False).reused == 3
+    finally:
+        other.kill()
+        other.wait()
+    # the holder is gone (SIGKILL leaves its registration behind): stale, removed, and the cache is rewritten
+    report = preprocess_corpus(inputs, cache, PreprocessSettings(spacing=(2.0, 2.0, 2.0)), num_workers=0,
+                               progress=False)  # fmt: skip
+    assert report.reused == 0 and not lock.exists()
+
+
+def test_registration_of_another_host_blocks_too(tmp_path, phantom_corpus):
+    from mim_nnunet.data.cache import USERS, CacheInUseError
+
+    cache = tmp_path / "cache"
+    inputs = [str(phantom_corpus[0])]
+    preprocess_corpus(inputs, cache, num_workers=0, progress=False)
+    (cache / USERS).mkdir(exist_ok=True)
+    (cache / USERS / "node17.4242.json").write_text(json.dumps({"pid": 4242, "host": "node17", "purpose": "x"}))
+    with pytest.raises(CacheInUseError, match=r"pid 4242 on host node17 .*node17\.4242\.json"):
+        preprocess_corpus(inputs, cache, PreprocessSettings(window=(-500.0, 500.0)), num_workers=0, progress=False)
+
+
+def test_cache_files_honour_the_umask(tmp_path, phantom_corpus):
+    old = os.umask(0o022)
+    try:
+        preprocess_corpus([str(phantom_corpus[0])], tmp_path / "cache", num_workers=0, progress=False)
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "cache").rglob("*"):
+        if path.is_file():
+            assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+
+
+def _report_sigint(queue) -> None:
+    import signal as sig
+
+    queue.put(sig.getsignal(sig.SIGINT) == sig.SIG_IGN)
+
+
+def test_preprocessing_workers_ignore_sigint():
+    """Ctrl-C reaches the whole terminal group: spawned workers must leave it to the main process (which cancels
+    the queued cases and prints one line) instead of each printing a KeyboardInterrupt traceback."""
+    import multiprocessing as mp
+    import signal as sig
+
+    from mim_nnunet.data.preprocess import _children_ignore_sigint
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    before = sig.getsignal(sig.SIGINT)
+    with _children_ignore_sigint():
+        child = ctx.Process(target=_report_sigint, args=(queue,))
+        child.start()
+    assert sig.getsignal(sig.SIGINT) is before  # the parent's handler is back
+    assert queue.get(timeout=120) is True
+    child.join(timeout=60)

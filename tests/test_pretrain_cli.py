@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -121,3 +122,122 @@ def test_execution_options_reach_the_model():
     opts = options_from_args(build_parser().parse_args(["-i", "x", "-o", "y", "--dense-execution", "--grad-checkpointing"]))
     assert opts.model_overrides() == {"packed": False, "grad_checkpointing": True}
     assert options_from_args(build_parser().parse_args(["-i", "x", "-o", "y"])).model_overrides() == {}
+
+
+@pytest.mark.parametrize("option", ["--save-every", "--log-every", "--batch-size", "--epochs"])
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_non_positive_counts_are_refused_by_the_parser(option, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["-i", "x", "-o", "y", option, value])
+    assert e.value.code == 2
+    assert f"argument {option}: must be at least 1, got {value}" in capsys.readouterr().err
+
+
+def test_a_new_run_refuses_a_run_folder(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"old": true}')
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(SystemExit) as e:
+        main(["-i", str(tmp_path), "-o", str(run), "--no-progress"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "already holds a run (config.json, metrics.jsonl); continue it with --resume" in err
+    assert "Traceback" not in err
+    assert (run / "config.json").read_text() == '{"old": true}' and not (run / "train.log").exists()
+    with pytest.raises(SystemExit, match="2"):
+        main(["-i", str(tmp_path), "-o", str(run), "--resume", "--overwrite"])
+
+
+@pytest.mark.slow
+def test_requeued_command_resumes_and_checks_its_cache(phantom_corpus, tmp_path, monkeypatch, caplog):
+    """Relative paths are stored absolute; the identical command with --resume continues; a cache rewritten by
+    another run with other settings is refused on resume; a resume from another directory works."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    corpus = os.path.relpath(phantom_corpus[0].parent, work)
+    cmd = ["-i", corpus, "-o", "run", "--cache", "cache", "--max-steps", "3", "--save-every", "1", "--num-workers",
+           "0", "--stop-after", "1", *TINY]  # fmt: skip
+    assert main(cmd) == 0
+    data = json.loads((work / "run" / "config.json").read_text())["data"]
+    assert data["inputs"] == [str(phantom_corpus[0].parent)] and data["cache"] == str(work / "cache")
+    assert not list((work / "cache" / "users").glob("*.json"))  # released at the end
+
+    # a value that differs is refused, naming the run's and the given one
+    with pytest.raises(SystemExit, match=r"spacing: run \[1\.5, 1\.5, 1\.5\], given \[2\.0\]"):
+        main([*cmd, "--resume", "--spacing", "2.0"])
+    # another run rewrites the shared cache with other settings (nothing holds it now) ...
+    assert main(["-i", corpus, "-o", "other", "--cache", "cache", "--spacing", "2.0", "--preprocess-only",
+                 "--no-progress"]) == 0  # fmt: skip
+    # ... and the requeued identical command refuses to train on it, in one line
+    caplog.clear()
+    assert main([*cmd, "--resume"]) == 2
+    assert "no longer holds this run's data: settings_digest" in caplog.text and "Traceback" not in caplog.text
+    assert read_metadata(work / "run" / "checkpoint_latest.safetensors").step == 1
+    # restored with the run's settings, the identical command continues
+    assert main(["-i", corpus, "-o", "restore", "--cache", "cache", "--preprocess-only", "--no-progress"]) == 0
+    assert main([*cmd, "--resume"]) == 0
+    assert read_metadata(work / "run" / "checkpoint_latest.safetensors").step == 2
+
+    # from another directory: the stored absolute paths are found, no stray cache folder appears
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["-o", str(work / "run"), "--resume", "--no-progress"]) == 0
+    _, meta = load_checkpoint(work / "run" / "checkpoint_final.safetensors")
+    assert meta.step == 3 and meta.spacing == [1.5, 1.5, 1.5]
+    assert meta.corpus["settings"]["spacing"] == [1.5, 1.5, 1.5]  # the embedded fingerprint agrees
+    assert list(elsewhere.iterdir()) == []
+
+    # a tampered latest checkpoint and an unreadable previous resume state: one line, exit 2
+    for name, edit in (("checkpoint_latest.safetensors", lambda b: b[:-3] + bytes([b[-3] ^ 0xFF]) + b[-2:]),
+                       ("resume_state_previous.pt", lambda b: b"garbage")):  # fmt: skip
+        path = work / "run" / name
+        path.write_bytes(edit(path.read_bytes()))
+    caplog.clear()
+    assert main(["-o", str(work / "run"), "--resume", "--no-progress"]) == 2
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "no usable checkpoint to resume from" in errors[0].getMessage()
+    assert "sha256" in errors[0].getMessage() and "truncated or corrupted" in errors[0].getMessage()
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_saves_and_exits(phantom_cache, tmp_path):
+    """Slurm's time limit and scancel signal the whole group: the DataLoader worker must survive, the main process
+    finishes the step and saves."""
+    corpus, cache = phantom_cache
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "mim_nnunet.cli.pretrain", "-i", corpus, "-o", str(run), "--cache", str(cache),
+           "--max-steps", "1000", "--save-every", "1000", "--num-workers", "2", *TINY]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8",
+                            errors="replace", start_new_session=True)  # fmt: skip
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.time() < deadline, "no training step within 240 s"
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    assert "Traceback" not in output and "SIGTERM received" in output, output
+    steps = len(metrics.read_text().splitlines())
+    assert load_checkpoint(run / "checkpoint_latest.safetensors")[1].step == steps >= 1
+    assert load_resume_state(run / "resume_state.pt")["step"] == steps
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+    assert not list((cache / "users").glob("*.json"))
+
+
+def test_resume_reindexes_only_a_cache_with_the_same_settings(phantom_cache):
+    """Another run sharing the cache with the same settings may have replaced index.json by its own cases: resume
+    indexes this run's inputs again (nothing deleted); other settings are never re-indexed, but refused."""
+    from mim_nnunet.cli.pretrain import _other_cases_indexed
+    from mim_nnunet.data.preprocess import PreprocessSettings, cache_identity
+
+    _, cache = phantom_cache
+    mine = cache_identity(cache)
+    assert not _other_cases_indexed(cache, mine, PreprocessSettings())
+    assert _other_cases_indexed(cache, mine | {"cases_sha256": "0" * 64}, PreprocessSettings())
+    assert not _other_cases_indexed(cache, mine | {"cases_sha256": "0" * 64}, PreprocessSettings(spacing=(2.0,) * 3))
+    assert not _other_cases_indexed(cache, {}, PreprocessSettings())  # runs that recorded no identity

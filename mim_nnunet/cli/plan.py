@@ -9,10 +9,13 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
 import sys
 from pathlib import Path
 
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, read_metadata
+
+NNUNET_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +72,18 @@ def main(argv: list[str] | None = None) -> int:
     if any(c != "3d_fullres" for c in args.c):
         print(f"error: MiM plans have only the 3d_fullres configuration, got -c {args.c}", file=sys.stderr)
         return 2
+    if missing := [v for v in NNUNET_FOLDERS if not os.environ.get(v)]:
+        print(
+            f"error: {' and '.join(missing)} not set: nnU-Net needs its folders, e.g. "
+            + " ".join(f"export {v}=/data/{v}" for v in missing),
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        read_metadata(args.pt)  # before any work: a missing or edited checkpoint is found at once
+    except CheckpointError as e:
+        print(f"error: -pt {e}", file=sys.stderr)
+        return 2
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (
         extract_fingerprint_dataset,
         plan_experiment_dataset,
@@ -80,8 +95,20 @@ def main(argv: list[str] | None = None) -> int:
     from ..nnunet.paths import export_line
     from ..nnunet.planner import MiMPlanner, PlanningError
 
+    names = {}
     for dataset_id in args.d:
-        name = convert_id_to_dataset_name(dataset_id)
+        try:
+            names[dataset_id] = convert_id_to_dataset_name(dataset_id)
+        except RuntimeError as e:
+            first = str(e).splitlines()[0].split(". Make sure")[0]
+            print(
+                f"error: -d {dataset_id}: {first} (looked for Dataset{dataset_id:03d}_* in "
+                f"nnUNet_raw={os.environ['nnUNet_raw']} and nnUNet_preprocessed={os.environ['nnUNet_preprocessed']})",
+                file=sys.stderr,
+            )
+            return 2
+    for dataset_id in args.d:
+        name = names[dataset_id]
         fingerprint = Path(nnUNet_preprocessed) / name / "dataset_fingerprint.json"
         if args.clean or not fingerprint.is_file():
             extract_fingerprint_dataset(

@@ -9,12 +9,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
+from contextlib import nullcontext
 from dataclasses import fields
 from pathlib import Path
 
 from ..model.config import PRESETS
-from ..pretrain.run import CONFIG, RunOptions
+from ..pretrain.run import CONFIG, RunOptions, check_run_folder
 
 log = logging.getLogger("mim_nnunet.pretrain")
 
@@ -24,8 +27,10 @@ examples:
   mim_nnunet_pretrain -i /data/ct/ -i 990 -o RUN --preprocess-only
   # a tiny run on the embedded phantoms (mim_nnunet_phantoms writes the corpus)
   mim_nnunet_pretrain -i phantoms/ -o RUN --preset tiny --max-steps 20 --batch-size 2 --lr 1e-3 --save-every 10
-  # continue it where it stopped (Ctrl-C saves first), here with a longer schedule
+  # continue it where it stopped (Ctrl-C or SIGTERM saves first), here with a longer schedule
   mim_nnunet_pretrain -o RUN --resume --max-steps 40
+  # a requeued cluster job may repeat its whole command: with --resume it continues (or starts) the run
+  mim_nnunet_pretrain -i phantoms/ -o RUN --preset tiny --max-steps 20 --batch-size 2 --lr 1e-3 --resume
   # 2 GPUs (or 2 CPU processes with --device cpu), effective batch 2 x 4 x 2 = 16
   torchrun --standalone --nproc-per-node 2 -m mim_nnunet.cli.pretrain -i /data/ct -o RUN --batch-size 2 --accumulate 4
 
@@ -52,6 +57,24 @@ RESUMABLE = {
 }
 
 
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "positive integer" if minimum == 1 else f"integer >= {minimum}"
+    return parse
+
+
+POSITIVE = _int_at_least(1)
+NON_NEGATIVE = _int_at_least(0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mim_nnunet_pretrain", description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
@@ -75,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--output",
         required=True,
         metavar="RUN",
-        help="run folder (checkpoints, logs, pictures); created if missing",
+        help="run folder (checkpoints, logs, pictures); created if missing. A folder holding a run is refused "
+        "unless --resume or --overwrite",
     )
     g.add_argument("--cache", metavar="DIR", help="preprocessed cache (blosc2); default RUN/cache")
     g.add_argument(
@@ -99,14 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--preprocess-workers",
-        type=int,
+        type=NON_NEGATIVE,
         default=2,
         metavar="N",
         help="processes for preprocessing; default 2",
     )
     g.add_argument(
         "--num-workers",
-        type=int,
+        type=NON_NEGATIVE,
         default=d.num_workers,
         metavar="N",
         help=f"DataLoader workers per training process (0: load in the main process); default {d.num_workers}",
@@ -157,14 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("optimisation (mim_method.md section 5)")
     g.add_argument(
         "--batch-size",
-        type=int,
+        type=POSITIVE,
         default=d.batch_size,
         metavar="N",
         help=f"crops per micro-batch per process; default {d.batch_size}",
     )
     g.add_argument(
         "--accumulate",
-        type=int,
+        type=POSITIVE,
         default=d.accumulate,
         metavar="K",
         help="micro-batches per optimizer step (gradient accumulation); effective batch = "
@@ -172,14 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--max-steps",
-        type=int,
+        type=POSITIVE,
         default=None,
         metavar="N",
         help="length of the schedule in optimizer steps (wins over --epochs)",
     )
     g.add_argument(
         "--epochs",
-        type=int,
+        type=POSITIVE,
         default=d.epochs,
         metavar="N",
         help=f"length of the schedule in epochs (one random crop per volume each); default {d.epochs}",
@@ -203,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--warmup-steps",
-        type=int,
+        type=NON_NEGATIVE,
         default=None,
         metavar="N",
         help="linear warm-up steps before the cosine decay; default 5%% of the schedule",
@@ -233,21 +257,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--save-every",
-        type=int,
+        type=POSITIVE,
         default=d.save_every,
         metavar="N",
         help=f"checkpoint + previews every N optimizer steps (and at the end); default {d.save_every}",
     )
     g.add_argument(
         "--log-every",
-        type=int,
+        type=POSITIVE,
         default=d.log_every,
         metavar="N",
         help=f"a line in train.log every N steps; default {d.log_every}",
     )
     g.add_argument(
         "--stop-after",
-        type=int,
+        type=POSITIVE,
         default=None,
         metavar="N",
         help="save and leave after N steps of this invocation, the schedule unchanged (continue "
@@ -258,7 +282,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue the run in RUN exactly where it stopped, with its config.json; only "
         f"{', '.join('--' + o.replace('_', '-') for o in sorted(RESUMABLE - {'progress'}))} "
-        "may change (and --device, --preprocess-workers, which are never stored)",
+        "may change (and --device, --preprocess-workers, which are never stored); the others may be repeated "
+        "with their stored values (a requeued job's identical command). Without a run in RUN yet (killed "
+        "before it started), the run starts",
+    )
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in RUN even if it holds one: its checkpoints, resume state, metrics, log and "
+        "pictures are deleted first (a cache inside RUN is kept and reused if the settings match)",
     )
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bar")
     g = p.add_argument_group("linear probe (watch the representations without fine-tuning)")
@@ -272,14 +304,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--probe-every",
-        type=int,
+        type=POSITIVE,
         default=d.probe_every,
         metavar="N",
         help=f"probe every N optimizer steps (and after the first and the last); default {d.probe_every}",
     )
     g.add_argument(
         "--probe-cases",
-        type=int,
+        type=POSITIVE,
         default=d.probe_cases,
         metavar="K",
         help=f"labeled cases to fit the probe on (the next K are held out to score it); default {d.probe_cases}",
@@ -300,19 +332,46 @@ def _options(args: argparse.Namespace) -> RunOptions:
     return RunOptions(**{f.name: getattr(args, f.name) for f in fields(RunOptions)})
 
 
+def absolute_input(spec: str) -> str:
+    """An input spec as stored in config.json: paths and globs made absolute (a resume from another directory
+    must find them), nnU-Net dataset ids and names kept."""
+    if os.path.exists(spec) or any(c in spec for c in "*?["):
+        return os.path.abspath(spec)
+    return spec
+
+
+def _spacing3(values) -> list[float]:
+    values = [float(v) for v in values]
+    return values * 3 if len(values) == 1 else values
+
+
 def _resume_args(args: argparse.Namespace, given: set[str], out: Path) -> argparse.Namespace:
     path = out / CONFIG
-    if not path.is_file():
-        raise SystemExit(f"--resume: {path} not found; {out} is not a pre-training run folder")
-    saved = json.loads(path.read_text())
-    opts, data = saved["options"], saved["data"]
-    clash = sorted(k for k in given & (set(opts) - RESUMABLE) if getattr(args, k) != opts[k]) + [
-        k for k in ("input", "cache", "spacing", "window") if k in given
-    ]
+    try:
+        saved = json.loads(path.read_text())
+        opts, data = saved["options"], saved["data"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"mim_nnunet_pretrain: error: --resume: {path} is not readable ({e})") from None
+    # Values given again must equal the stored ones: a requeued job repeats its whole command line.
+    clash = {k: (opts[k], getattr(args, k)) for k in sorted(given & (set(opts) - RESUMABLE))
+             if json.dumps(getattr(args, k)) != json.dumps(opts[k])}  # fmt: skip
+
+    if "input" in given:
+        old, new = [absolute_input(i) for i in data["inputs"]], [absolute_input(i) for i in args.input]
+        if old != new:
+            clash["input"] = (data["inputs"], new)
+    # (config.json files of older versions hold paths as typed: taken relative to the current directory)
+    if "cache" in given and os.path.abspath(args.cache) != os.path.abspath(data["cache"]):
+        clash["cache"] = (data["cache"], os.path.abspath(args.cache))
+    if "spacing" in given and _spacing3(args.spacing) != _spacing3(data["spacing"]):
+        clash["spacing"] = (data["spacing"], args.spacing)
+    if "window" in given and [float(w) for w in args.window] != [float(w) for w in data["window"]]:
+        clash["window"] = (data["window"], args.window)
     if clash:
+        detail = "; ".join(f"{k}: run {old!r}, given {new!r}" for k, (old, new) in clash.items())
         raise SystemExit(
-            f"--resume: {', '.join(clash)} cannot change in a resumed run (see {path}); "
-            "start a new run in another folder instead"
+            f"mim_nnunet_pretrain: error: --resume: {', '.join(clash)} cannot change in a resumed run ({detail}; "
+            f"see {path}); start a new run in another folder instead"
         )
     for k, v in opts.items():
         # stop_after and progress belong to one invocation; the rest is the run's unless given again.
@@ -320,24 +379,37 @@ def _resume_args(args: argparse.Namespace, given: set[str], out: Path) -> argpar
             setattr(args, k, v)
     args.input, args.cache = data["inputs"], data["cache"]
     args.spacing, args.window = data["spacing"], data["window"]
+    args.saved_cache_identity = data.get("cache_identity", {})
     return args
+
+
+class _Interrupted(Exception):
+    def __init__(self, signum: int):
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, _frame) -> None:
+    raise _Interrupted(signum)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    out = Path(args.output)
+    out = Path(args.output).absolute()
+    if args.resume and args.overwrite:
+        parser.error("--resume and --overwrite exclude each other")
+    if args.resume and not (out / CONFIG).is_file():
+        if not args.input:
+            parser.error(f"--resume: {out / CONFIG} not found; {out} is not a pre-training run folder")
+        args.resume = False  # a requeued job killed before its run began: begin it
+        print(f"mim_nnunet_pretrain: no run in {out} yet: starting it", file=sys.stderr)
     if args.resume:
         args = _resume_args(args, _explicit(argv), out)
     elif not args.input:
         parser.error("give at least one -i/--input (or --resume an existing run)")
     if len(args.spacing) not in (1, 3):
         parser.error(f"--spacing takes one or three values, got {args.spacing}")
-    if args.max_steps is not None and args.max_steps < 1:
-        parser.error("--max-steps must be at least 1")
     if args.probe is not None:
-        if args.probe_every < 1 or args.probe_cases < 1:
-            parser.error(f"--probe-every and --probe-cases must be at least 1, got {args.probe_every}, {args.probe_cases}")
         from ..pretrain.probe import dataset_cases
 
         try:
@@ -346,39 +418,100 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(e))
         if len(cases) < 2:
             parser.error(f"--probe {args.probe}: {folder} has {len(cases)} labeled cases in labelsTr, need at least 2")
+    if problem := check_run_folder(out, args.resume, args.overwrite):
+        parser.exit(2, f"mim_nnunet_pretrain: error: {problem}\n")
+    args.input = [absolute_input(i) for i in args.input]
+    cache = Path(args.cache).absolute() if args.cache else out / "cache"
 
     # Heavy imports after argument parsing: --help stays instant.
-    from ..data.loader import CropDataset
-    from ..data.preprocess import PreprocessSettings, load_fingerprint, preprocess_corpus
-    from ..pretrain.distributed import any_rank, init_distributed, shutdown
-    from ..pretrain.run import run_pretraining, setup_logging
+    from ..checkpoint import CheckpointError
+    from ..data.cache import cache_user
+    from ..data.preprocess import PreprocessSettings
+    from ..pretrain.distributed import init_distributed, shutdown
+    from ..pretrain.run import ResumeError, RunFolderError, clear_run_folder, setup_logging
 
     dist = init_distributed(args.device)
+    gone = clear_run_folder(out, logs=True) if args.overwrite and dist.is_main else []  # before the log opens
     setup_logging(out, dist.is_main)
-    try:
-        spacing = args.spacing * 3 if len(args.spacing) == 1 else args.spacing
-        settings = PreprocessSettings(spacing=tuple(spacing), window=tuple(args.window))
-        cache = Path(args.cache) if args.cache else out / "cache"
-        failed = False
-        if dist.is_main and not (args.resume and (cache / "fingerprint.json").is_file()):
-            try:
-                preprocess_corpus(args.input, cache, settings, args.preprocess_workers, args.progress)
-            except (ValueError, RuntimeError) as e:
-                log.error("%s", e)
-                failed = True
-        if any_rank(failed, dist):  # also the barrier: the other ranks wait here for rank 0's cache
+    if gone:
+        log.warning("--overwrite: removed %s from %s", ", ".join(gone), out)
+    spacing = _spacing3(args.spacing)
+    settings = PreprocessSettings(spacing=tuple(spacing), window=tuple(args.window))
+    # rank 0 registers the run as a user of the cache: no other run may empty it meanwhile
+    with cache_user(cache, settings.digest(), f"pre-training run {out}") if dist.is_main else nullcontext():
+        try:
+            return _run(args, out, cache, settings, dist)
+        except (CheckpointError, ResumeError, RunFolderError) as e:
+            log.error("%s", e)
             return 2
-        if args.preprocess_only:
-            log.info("preprocess only: the cache is %s (fingerprint.json, skipped.txt)", cache)
-            return 0
-        opts = _options(args)
-        crops = CropDataset(cache, 2 * PRESETS[args.preset]["input_size"], seed=args.seed)
-        data = {"spacing": list(spacing), "window": list(args.window), "inputs": list(args.input),
-                "cache": str(cache), "corpus": load_fingerprint(cache)}  # fmt: skip
-        result = run_pretraining(out, opts, crops, data, dist, resume=args.resume)
-        return 130 if result.status == "interrupted" else 0
-    finally:
-        shutdown(dist)
+        finally:
+            shutdown(dist)
+
+
+def _other_cases_indexed(cache: Path, saved: dict, settings) -> bool:
+    from ..data.preprocess import cache_identity
+
+    try:
+        now = cache_identity(cache)
+    except RuntimeError:
+        return False
+    return (
+        now["settings_digest"] == now["index_digest"] == settings.digest()
+        and "cases_sha256" in saved
+        and now["cases_sha256"] != saved["cases_sha256"]
+    )
+
+
+def _run(args: argparse.Namespace, out: Path, cache: Path, settings, dist) -> int:
+    from ..data.loader import CropDataset
+    from ..data.preprocess import cache_identity, check_cache_identity, load_fingerprint, preprocess_corpus
+    from ..pretrain.distributed import any_rank
+    from ..pretrain.run import run_pretraining
+
+    failed, interrupted = False, None
+    if dist.is_main:
+        # SIGTERM (Slurm, scancel) and SIGINT: stop preprocessing with a line, not a traceback; finished cases
+        # stay in the cache and the same command continues. Installed explicitly, as training does: a process
+        # started in the background by a shell inherits an ignored SIGINT.
+        previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            saved = getattr(args, "saved_cache_identity", {})
+            if not (args.resume and (cache / "fingerprint.json").is_file()):
+                preprocess_corpus(args.input, cache, settings, args.preprocess_workers, args.progress)
+            elif _other_cases_indexed(cache, saved, settings):
+                # same settings, but the index lists the cases of another run sharing the cache: index this
+                # run's inputs again (finished cases are reused; nothing is deleted)
+                log.warning("%s/index.json lists another run's cases: indexing this run's inputs again", cache)
+                preprocess_corpus(args.input, cache, settings, args.preprocess_workers, args.progress)
+            if args.resume:  # the run must continue on the data it began with
+                check_cache_identity(cache, saved, settings)
+        except (ValueError, RuntimeError) as e:
+            log.error("%s", e)
+            failed = True
+        except (KeyboardInterrupt, _Interrupted) as e:
+            interrupted = getattr(e, "signum", signal.SIGINT)
+            log.error(
+                "%s during preprocessing: the cases finished so far stay in %s; run the same command to continue",
+                signal.Signals(interrupted).name, cache,
+            )  # fmt: skip
+            failed = True
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+    if any_rank(failed, dist):  # also the barrier: the other ranks wait here for rank 0's cache
+        return 128 + interrupted if interrupted else 2
+    if args.preprocess_only:
+        log.info("preprocess only: the cache is %s (fingerprint.json, skipped.txt)", cache)
+        return 0
+    opts = _options(args)
+    crops = CropDataset(cache, 2 * PRESETS[args.preset]["input_size"], seed=args.seed)
+    data = {"spacing": list(settings.spacing), "window": list(settings.window), "inputs": list(args.input),
+            "cache": str(cache), "cache_identity": cache_identity(cache),
+            "corpus": load_fingerprint(cache)}  # fmt: skip
+    result = run_pretraining(out, opts, crops, data, dist, resume=args.resume)
+    if result.status == "interrupted":
+        return 128 + (result.signal or signal.SIGINT)  # 130 for SIGINT, 143 for SIGTERM
+    return 0
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ target spacing with nnU-Net's own data resampling (order 3, separate z for aniso
 window to [0, 1], quantise and store (:mod:`.cache`). The corpus gets a fingerprint (``fingerprint.json``).
 
 Re-running skips finished cases; a changed :class:`PreprocessSettings` digest (spacing, window, storage, code
-format version) invalidates the cache. Only :func:`preprocess_corpus` raises, and only when no valid case is left.
+format version) invalidates the cache, unless another live process uses it (:func:`.cache.cache_user`): then
+:class:`.cache.CacheInUseError` names the holder and nothing is deleted. Only :func:`preprocess_corpus` raises:
+when no valid case is left, or when the cache is in use.
 This module knows files and arrays but no network.
 """
 
@@ -21,10 +23,13 @@ import math
 import multiprocessing as mp
 import os
 import re
+import signal
 import struct
+import threading
 import zlib
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -38,7 +43,18 @@ from nnunetv2.preprocessing.resampling.default_resampling import (
 from scipy import ndimage
 from tqdm import tqdm
 
-from .cache import DTYPE_LEVELS, case_paths, quantise, read_json, write_json, write_volume
+from .cache import (
+    DTYPE_LEVELS,
+    CacheInUseError,
+    cache_user,
+    case_paths,
+    describe_user,
+    other_users,
+    quantise,
+    read_json,
+    write_json,
+    write_volume,
+)
 from .sources import CaseSource, resolve_inputs
 
 log = logging.getLogger(__name__)
@@ -380,6 +396,15 @@ def _invalidate(cache_dir: Path, settings: PreprocessSettings) -> None:
     if sfile.is_file():
         old = read_json(sfile)
         if old.get("digest") != settings.digest():
+            if users := other_users(cache_dir):
+                path, holder = users[0]
+                raise CacheInUseError(
+                    f"cache {cache_dir} holds data for other settings (digest {old.get('digest')}: spacing "
+                    f"{old.get('spacing')}, window {old.get('window')}; asked for {settings.digest()}: spacing "
+                    f"{list(settings.spacing)}, window {list(settings.window)}) and is in use by "
+                    f"{describe_user(holder, path)}; refusing to empty it: give another --cache, or wait for that "
+                    "process to end"
+                )
             cases = cache_dir / "cases"
             n = 0
             for p in cases.glob("*") if cases.is_dir() else ():
@@ -393,6 +418,20 @@ def _invalidate(cache_dir: Path, settings: PreprocessSettings) -> None:
     write_json(sfile, settings.to_dict())
 
 
+@contextmanager
+def _children_ignore_sigint():
+    """Processes spawned inside inherit an ignored SIGINT: Ctrl-C (sent to the whole terminal group) is for the
+    main process, which cancels the queued cases; workers would only print KeyboardInterrupt tracebacks."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _ping() -> bool:
     return True
 
@@ -401,7 +440,9 @@ def _check_workers_start(ctx) -> None:
     """Tell a broken environment (workers that cannot even start) from a case that kills its worker."""
     try:
         with ProcessPoolExecutor(1, mp_context=ctx, initializer=_worker_init) as ex:
-            ex.submit(_ping).result()
+            with _children_ignore_sigint():
+                fut = ex.submit(_ping)
+            fut.result()
     except BrokenProcessPool:
         raise RuntimeError(
             "preprocessing worker processes cannot start (spawned processes must be able to import the main "
@@ -421,19 +462,26 @@ def _run_pool(todo, cache_dir, settings, num_workers, progress) -> dict[str, tup
     ctx = mp.get_context("spawn")  # no fork of a process that may hold torch/OpenMP threads
     crashed: list[CaseSource] = []
     with ProcessPoolExecutor(min(num_workers, len(todo)), mp_context=ctx, initializer=_worker_init) as ex:
-        futs = {ex.submit(_worker, src, str(cache_dir), settings): src for src in todo}
-        for f in as_completed(futs):
-            src = futs[f]
-            try:
-                results[src.case_id] = f.result()
-            except BrokenProcessPool:
-                crashed.append(src)
-            bar.update()
+        with _children_ignore_sigint():  # the workers are spawned by submit()
+            futs = {ex.submit(_worker, src, str(cache_dir), settings): src for src in todo}
+        try:
+            for f in as_completed(futs):
+                src = futs[f]
+                try:
+                    results[src.case_id] = f.result()
+                except BrokenProcessPool:
+                    crashed.append(src)
+                bar.update()
+        except BaseException:  # interrupted: finish the cases in flight only
+            ex.shutdown(wait=False, cancel_futures=True)
+            raise
     # a worker died (segfault in a reader, OOM kill): retry those cases alone to find the culprit
     for src in crashed:
         try:
             with ProcessPoolExecutor(1, mp_context=ctx, initializer=_worker_init) as ex:
-                results[src.case_id] = ex.submit(_worker, src, str(cache_dir), settings).result()
+                with _children_ignore_sigint():
+                    fut = ex.submit(_worker, src, str(cache_dir), settings)
+                results[src.case_id] = fut.result()
         except BrokenProcessPool:
             _check_workers_start(ctx)
             results[src.case_id] = (
@@ -491,6 +539,13 @@ def preprocess_corpus(
     """Preprocess every case of ``inputs`` (see :mod:`.sources`) into ``cache_dir``; see the module docstring."""
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    with cache_user(cache_dir, settings.digest(), "preprocessing"):
+        return _preprocess_corpus(inputs, cache_dir, settings, num_workers, progress)
+
+
+def _preprocess_corpus(
+    inputs: list[str] | str, cache_dir: Path, settings: PreprocessSettings, num_workers: int, progress: bool
+) -> CorpusReport:
     sources, problems = resolve_inputs(inputs)
     skipped: list[tuple[str, str]] = list(problems)
     _invalidate(cache_dir, settings)
@@ -543,6 +598,44 @@ def load_fingerprint(cache_dir: str | Path) -> dict:
             f"{path} not found: run preprocessing (preprocess_corpus) into {cache_dir} first"
         )
     return read_json(path)
+
+
+def cache_identity(cache_dir: str | Path) -> dict:
+    """What a run trained on: the settings digest of the cache and its case ids (count and sha256 of the sorted
+    list). A resumed run must find the same (:func:`check_cache_identity`)."""
+    cache_dir = Path(cache_dir)
+    try:
+        settings = read_json(cache_dir / "settings.json")
+        index = read_json(cache_dir / "index.json")
+    except (OSError, ValueError) as e:
+        raise RuntimeError(f"{cache_dir}: not a complete preprocessed cache ({e})") from None
+    cases = sorted(index.get("cases", []))
+    return {
+        "settings_digest": settings.get("digest"),
+        "index_digest": index.get("settings_digest"),
+        "spacing": settings.get("spacing"),
+        "window": settings.get("window"),
+        "num_cases": len(cases),
+        "cases_sha256": hashlib.sha256("\n".join(cases).encode()).hexdigest(),
+    }
+
+
+def check_cache_identity(cache_dir: str | Path, expected: dict, settings: PreprocessSettings) -> None:
+    """Raise ``RuntimeError`` (one line, naming both sides) unless ``cache_dir`` holds the data of ``expected``
+    (a :func:`cache_identity` recorded earlier; may be empty for runs that recorded none) preprocessed with
+    ``settings``."""
+    now = cache_identity(cache_dir)
+    want = {"settings_digest": settings.digest(), "index_digest": settings.digest()}
+    want |= {k: expected[k] for k in ("settings_digest", "num_cases", "cases_sha256") if k in expected}
+    diff = [k for k, v in want.items() if now.get(k) != v]
+    if diff:
+        raise RuntimeError(
+            f"cache {cache_dir} no longer holds this run's data: {', '.join(diff)} differ (run: spacing "
+            f"{list(settings.spacing)}, window {list(settings.window)}, digest {want['settings_digest']}, "
+            f"{expected.get('num_cases', '?')} cases; cache now: spacing {now['spacing']}, window {now['window']}, "
+            f"digest {now['settings_digest']}, {now['num_cases']} cases); another run rewrote it: restore it "
+            "with this run's inputs and settings (--preprocess-only into the same --cache), or start a new run"
+        )
 
 
 def cached_cases(cache_dir: str | Path) -> list[dict]:

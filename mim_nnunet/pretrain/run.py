@@ -7,19 +7,26 @@ Layout of the run folder::
     checkpoint_latest.safetensors  weights + metadata (mim_nnunet.checkpoint), every --save-every steps
     checkpoint_final.safetensors   the same at the end of the schedule: the file fine-tuning uses
     resume_state.pt                optimizer, scaler, schedule, data position and seeds of checkpoint_latest
+    checkpoint_previous.safetensors + resume_state_previous.pt   the pair before (hard links where possible)
     train.log, metrics.jsonl       the log; one JSON line of losses, lr and throughput per optimizer step
     progress.png                   losses and lr over steps
     previews/step_XXXXX_level{1,2,3}.png  reconstruction of a fixed crop at every checkpoint
 
-Only rank 0 writes. The weights are written before the resume state, and the resume state records the sha256
-of the weights it belongs to, so a kill between the two writes is detected on resume instead of silently
-continuing from a mismatched optimizer state.
+Only rank 0 writes; every rank reaches every collective (barriers included). The weights are written before
+the resume state, and the resume state records the sha256 of the weights it belongs to, so a kill between the
+two writes is detected on resume instead of silently continuing from a mismatched optimizer state. Before a new
+pair is written, the complete one on disk is kept as the ``previous`` pair; resume falls back to it (with a
+warning) when the latest pair is incomplete, so a kill at any point of a save leaves a way on.
+
+A new run refuses a folder that already holds a run (:func:`check_run_folder`) unless asked to overwrite it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import signal
 import sys
 import time
@@ -44,22 +51,35 @@ from ..checkpoint import (
 )
 from ..model.config import EXECUTION_FIELDS, TOKEN_SIZE
 from ..plots import plot_progress, save_previews
-from .distributed import DistInfo, any_rank, barrier
+from .distributed import DistInfo, any_rank
 from .engine import AUTOCAST, train_steps
 from .optim import build_optimizer, lr_at, scaled_lr
-from .sampler import CropOrder, EpochCrops, ignore_sigint
+from .sampler import CropOrder, EpochCrops, ignore_stop_signals
 
 log = logging.getLogger("mim_nnunet.pretrain")
 
 CHECKPOINT_LATEST = "checkpoint_latest.safetensors"
 CHECKPOINT_FINAL = "checkpoint_final.safetensors"
 RESUME_STATE = "resume_state.pt"
+CHECKPOINT_PREVIOUS = "checkpoint_previous.safetensors"
+RESUME_STATE_PREVIOUS = "resume_state_previous.pt"
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 LOG = "train.log"
 PROGRESS = "progress.png"
 PREVIEWS = "previews"
 RESUME_FORMAT = 1
+# Files that make a folder a run (a preprocess-only invocation leaves train.log and cache/, which do not count).
+RUN_FILES = (CONFIG, CHECKPOINT_LATEST, CHECKPOINT_FINAL, RESUME_STATE, CHECKPOINT_PREVIOUS, RESUME_STATE_PREVIOUS,
+             METRICS)  # fmt: skip
+
+
+class ResumeError(ValueError):
+    """A run that cannot continue (other data, other model, nothing usable saved); one line naming the files."""
+
+
+class RunFolderError(ValueError):
+    """A new run pointed at a folder that already holds one."""
 
 # Measured with benchmarks/bench_precision.py on the project's 2-core AVX-512 CPU: bf16 autocast took 1.99x the
 # fp32 step time for `small` and 7.6x for `tiny` (docs/pretraining.md); mim_method.md §8 found it slower for
@@ -126,6 +146,7 @@ class RunResult:
     )
     step: int  # optimizer steps done in all
     model: torch.nn.Module  # the trained MiMPretrainingModel (not the DDP wrapper)
+    signal: int | None = None  # the signal that interrupted it (this rank's; None on the others)
 
 
 def plan_schedule(opts: RunOptions, steps_per_epoch: int, world_size: int) -> Schedule:
@@ -181,12 +202,14 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.requested = False
+        self.signum: int | None = None
         self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def _handle(self, signum: int, _frame) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        self.signum = signum
         log.warning(
             "%s received: finishing this step, saving, then stopping (send it again to abort now)",
             signal.Signals(signum).name,
@@ -198,39 +221,139 @@ class StopRequest:
 
 
 def read_metrics(out_dir: Path, up_to_step: int | None = None) -> list[dict]:
+    """The records of ``metrics.jsonl``; a line that is not a whole record (a kill mid-write) is skipped with a
+    warning."""
     path = out_dir / METRICS
     if not path.is_file():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            int(record["step"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("%s: line %d is not a complete record (%.60r), skipped", path, n, line)
+            continue
+        records.append(record)
     return [r for r in records if up_to_step is None or r["step"] <= up_to_step]
 
 
-def _restore(out: Path, model, optimizer, scaler, order: CropOrder, opts: RunOptions, dist: DistInfo) -> int:
-    """Load weights and resume state of ``out``; returns the step to continue from."""
-    path = out / CHECKPOINT_LATEST
-    state, meta = load_checkpoint(path)
-    check_state_dict(path, state, model.state_dict())
-    mine = json.loads(json.dumps(model.config.to_dict()))
-    diff = sorted(k for k in set(mine) | set(meta.config) if k not in EXECUTION_FIELDS and mine.get(k) != meta.config.get(k))
-    if diff:
-        raise CheckpointError(f"{path}: written for another model configuration (differs in {diff})")
-    model.load_state_dict(state)
-    rs = load_resume_state(out / RESUME_STATE)
-    if rs.get("weights_sha256") != meta.weights_sha256:
-        raise CheckpointError(
-            f"{out / RESUME_STATE}: belongs to step {rs.get('step')}, but {path} holds step {meta.step} "
-            "(the run was killed between the two writes); the weights are intact, but exact resume is impossible"
+def check_run_folder(out: str | Path, resume: bool, overwrite: bool) -> str | None:
+    """Why a run may not start in ``out`` (one line), or None. A new run needs a folder without a run in it."""
+    out = Path(out)
+    if resume and overwrite:
+        return "--resume and --overwrite exclude each other"
+    found = [n for n in RUN_FILES if (out / n).exists()]
+    if found and not (resume or overwrite):
+        return (
+            f"{out} already holds a run ({', '.join(found)}); continue it with --resume, replace it with "
+            "--overwrite, or give another -o"
         )
-    expected = _data_position(order, opts, dist, rs["step"])
-    changed = {k: (rs["data"].get(k), v) for k, v in expected.items() if rs["data"].get(k) != v}
-    if changed:
-        raise ValueError(
-            f"{out}: cannot continue exactly, the data order depends on {sorted(changed)} "
-            f"(saved vs now: {changed}); start a new run (-o elsewhere) to change them"
+    return None
+
+
+def clear_run_folder(out: str | Path, logs: bool = False) -> list[str]:
+    """Remove a run's files from ``out`` (``--overwrite``); the cache, if inside, stays. Returns what went."""
+    out = Path(out)
+    gone = []
+    for name in (*RUN_FILES, PROGRESS, *((LOG,) if logs else ())):
+        if (out / name).exists():
+            (out / name).unlink()
+            gone.append(name)
+    if (out / PREVIEWS).is_dir():
+        shutil.rmtree(out / PREVIEWS)
+        gone.append(PREVIEWS)
+    return gone
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` becomes ``src``'s content atomically: a hard link (instant) or, where links fail, a copy."""
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _same(a, b) -> bool:
+    return json.loads(json.dumps(a)) == json.loads(json.dumps(b))
+
+
+def _check_data(path: Path, meta: CheckpointMetadata, data: dict) -> None:
+    """The checkpoint must have been trained on the data of this invocation (spacing, window, corpus)."""
+    problems = []
+    if not _same(meta.spacing, [float(v) for v in data["spacing"]]):
+        problems.append(f"spacing {meta.spacing} vs now {list(data['spacing'])}")
+    if not _same(meta.intensity_window, [float(v) for v in data["window"]]):
+        problems.append(f"window {meta.intensity_window} vs now {list(data['window'])}")
+    old, new = meta.corpus or {}, data.get("corpus") or {}
+    digest_old, digest_new = (old.get("settings") or {}).get("digest"), (new.get("settings") or {}).get("digest")
+    if digest_old and digest_new and digest_old != digest_new:
+        problems.append(f"cache settings digest {digest_old} vs now {digest_new}")
+    if "num_cases" in old and "num_cases" in new and old["num_cases"] != new["num_cases"]:
+        problems.append(f"{old['num_cases']} cases vs now {new['num_cases']}")
+    if problems:
+        raise ResumeError(
+            f"{path}: trained on other data than it would continue on ({'; '.join(problems)}); start a new run "
+            "(-o elsewhere) for other data"
         )
-    optimizer.load_state_dict(rs["optimizer"])
-    scaler.load_state_dict(rs["scaler"])
-    return int(rs["step"])
+
+
+def _restore(
+    out: Path, model, optimizer, scaler, order: CropOrder, opts: RunOptions, dist: DistInfo, data: dict
+) -> tuple[int, bool]:
+    """Load weights and resume state of ``out``: the latest pair, or the previous one when the latest is
+    incomplete. Returns the step to continue from and whether the latest pair was used (0, False: nothing
+    saved yet). Integrity problems are :class:`CheckpointError`, incompatibilities :class:`ResumeError`."""
+    pairs = [(out / CHECKPOINT_LATEST, out / RESUME_STATE), (out / CHECKPOINT_PREVIOUS, out / RESUME_STATE_PREVIOUS)]
+    if not any(p.exists() for pair in pairs for p in pair):
+        log.warning("%s: no checkpoint saved yet (stopped before its first save): starting from step 0", out)
+        return 0, False
+    problems = []
+    for latest, (path, rs_path) in zip((True, False), pairs, strict=True):
+        if not (path.exists() or rs_path.exists()):
+            continue
+        try:
+            state, meta = load_checkpoint(path)
+            check_state_dict(path, state, model.state_dict())
+            rs = load_resume_state(rs_path)
+            if not isinstance(rs, dict) or rs.get("weights_sha256") != meta.weights_sha256:
+                step = rs.get("step") if isinstance(rs, dict) else None
+                raise CheckpointError(
+                    f"{rs_path}: belongs to step {step}, but {path} holds step {meta.step} (killed between the two "
+                    "writes)"
+                )
+        except CheckpointError as e:
+            problems.append(str(e))
+            continue
+        mine = json.loads(json.dumps(model.config.to_dict()))
+        diff = sorted(
+            k for k in set(mine) | set(meta.config) if k not in EXECUTION_FIELDS and mine.get(k) != meta.config.get(k)
+        )
+        if diff:
+            raise ResumeError(f"{path}: written for another model configuration (differs in {diff})")
+        _check_data(path, meta, data)
+        expected = _data_position(order, opts, dist, rs["step"])
+        changed = {k: (rs["data"].get(k), v) for k, v in expected.items() if rs["data"].get(k) != v}
+        if changed:
+            raise ResumeError(
+                f"{out}: cannot continue exactly, the data order depends on {sorted(changed)} "
+                f"(saved vs now: {changed}); start a new run (-o elsewhere) to change them"
+            )
+        if not latest:
+            log.warning(
+                "%s: the latest checkpoint is incomplete (%s); continuing from the previous pair, step %d",
+                out, problems[0], rs["step"],
+            )  # fmt: skip
+        model.load_state_dict(state)
+        optimizer.load_state_dict(rs["optimizer"])
+        scaler.load_state_dict(rs["scaler"])
+        return int(rs["step"]), latest
+    raise CheckpointError(f"{out}: no usable checkpoint to resume from: {' | '.join(problems)}")
 
 
 def _data_position(order: CropOrder, opts: RunOptions, dist: DistInfo, step: int) -> dict:
@@ -247,16 +370,51 @@ def _data_position(order: CropOrder, opts: RunOptions, dist: DistInfo, step: int
     }
 
 
+def _on_every_rank(fn, dist: DistInfo):
+    """``fn()`` on each rank; an exception on any rank is raised on all of them (no rank is left waiting in a
+    collective for one that died)."""
+    error: BaseException | None = None
+    try:
+        result = fn()
+    except (CheckpointError, ValueError, OSError) as e:
+        error = e
+    if any_rank(error is not None, dist):
+        if error is not None:
+            raise error
+        raise ResumeError("another rank failed to set up the run (its log says why)")
+    return result
+
+
 def run_pretraining(
-    out_dir: str | Path, opts: RunOptions, crops: Dataset, data: dict, dist: DistInfo, resume: bool = False
+    out_dir: str | Path,
+    opts: RunOptions,
+    crops: Dataset,
+    data: dict,
+    dist: DistInfo,
+    resume: bool = False,
+    overwrite: bool = False,
 ) -> RunResult:
     """Train on ``crops`` (a dataset with ``set_epoch`` whose items are ``(1, 2S, 2S, 2S)`` crops).
 
     ``data`` holds ``spacing``, ``window`` and ``corpus`` (the fingerprint) for the checkpoint metadata, and
     anything else worth recording in config.json (inputs, cache). A checkpoint and a resume state are saved
-    whichever way it ends (see :class:`RunResult`).
+    whichever way it ends (see :class:`RunResult`). A new run (not ``resume``) refuses a folder holding a run
+    (:class:`RunFolderError`) unless ``overwrite``, which removes that run's files first.
     """
     out = Path(out_dir)
+
+    def check_folder() -> None:
+        if dist.is_main:
+            if problem := check_run_folder(out, resume, overwrite):
+                raise RunFolderError(problem)
+            # temporaries of writes cut short by SIGKILL (the files they were to replace are intact)
+            for name in (*RUN_FILES, PROGRESS):
+                for tmp in out.glob(f".{name}.*.tmp"):
+                    tmp.unlink(missing_ok=True)
+            if overwrite and (gone := clear_run_folder(out)):
+                log.warning("--overwrite: removed %s from %s", ", ".join(gone), out)
+
+    _on_every_rank(check_folder, dist)  # also a barrier: no rank reads the folder while rank 0 clears it
     precision = resolve_precision(opts.precision, dist.device)
     torch.manual_seed(opts.seed)  # the initial weights (DDP also broadcasts rank 0's)
     model = build_pretraining_model(opts.preset, **opts.model_overrides()).to(dist.device)
@@ -264,7 +422,11 @@ def run_pretraining(
     sched = plan_schedule(opts, order.steps_per_epoch, dist.world_size)
     optimizer = build_optimizer(model, sched.lr, opts.weight_decay)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=precision == "fp16")
-    start = _restore(out, model, optimizer, scaler, order, opts, dist) if resume else 0
+    start, pair_complete = 0, False  # pair_complete: the latest pair on disk is whole (may become the fallback)
+    if resume:
+        start, pair_complete = _on_every_rank(
+            lambda: _restore(out, model, optimizer, scaler, order, opts, dist, data), dist
+        )
     order.start_step = start
     end = sched.total_steps if opts.stop_after is None else min(sched.total_steps, start + opts.stop_after)
 
@@ -284,8 +446,13 @@ def run_pretraining(
         probe = LinearProbe.from_dataset(opts.probe, opts.probe_cases, model.crop_size, data["spacing"],
                                          data["window"], opts.seed)  # fmt: skip
 
-    def save(step: int, final: bool = False) -> None:
+    def write(step: int, final: bool) -> None:
+        nonlocal pair_complete
         if dist.is_main:
+            if pair_complete:  # keep the whole pair on disk until the new one is whole too
+                _link_or_copy(out / RESUME_STATE, out / RESUME_STATE_PREVIOUS)
+                _link_or_copy(out / CHECKPOINT_LATEST, out / CHECKPOINT_PREVIOUS)
+            pair_complete = False
             sha = save_checkpoint(out / CHECKPOINT_LATEST, model.state_dict(), metadata(step))
             save_resume_state(out / RESUME_STATE, {
                 "format": RESUME_FORMAT, "step": step, "weights_sha256": sha,
@@ -294,6 +461,7 @@ def run_pretraining(
                 "rng": {"seed": opts.seed, "scheme": "masks: Generator(mix(seed, rank, step, micro)); "
                         "global RNG re-seeded with mix(seed, rank, step) each step; crops: (seed, epoch, index)"},
             })  # fmt: skip
+            pair_complete = True
             if final:
                 save_checkpoint(out / CHECKPOINT_FINAL, model.state_dict(), metadata(step))
             model.eval()
@@ -313,7 +481,19 @@ def run_pretraining(
                 out / CHECKPOINT_LATEST,
                 " and " + CHECKPOINT_FINAL if final else "",
             )
-        barrier(dist)
+
+    def save(step: int, final: bool = False) -> None:
+        """Called on every rank; rank 0 writes. It ends in a collective, which also carries a failure of rank 0's
+        writes (disk full, permissions) to every rank instead of leaving them waiting."""
+        error: Exception | None = None
+        try:
+            write(step, final)
+        except Exception as e:  # noqa: BLE001 -- re-raised below, on every rank
+            error = e
+        if any_rank(error is not None, dist):
+            if error is not None:
+                raise error
+            raise RuntimeError(f"rank 0 failed to save step {step} (its log says why)")
 
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -344,7 +524,8 @@ def run_pretraining(
             dist.device,
         )
     if start >= sched.total_steps:
-        if dist.is_main and not (out / CHECKPOINT_FINAL).is_file():
+        # rank 0 decides, every rank saves: save() ends in a barrier every rank must reach
+        if any_rank(dist.is_main and not (out / CHECKPOINT_FINAL).is_file(), dist):
             save(start, final=True)
         log.info("the schedule (%d steps) is already complete", sched.total_steps)
         return RunResult("finished", start, model)
@@ -363,7 +544,7 @@ def run_pretraining(
         sampler=order,
         num_workers=opts.num_workers,
         pin_memory=dist.device.type == "cuda",
-        worker_init_fn=ignore_sigint if opts.num_workers else None,
+        worker_init_fn=ignore_stop_signals if opts.num_workers else None,
     )
     stop = StopRequest()
     t_start = time.perf_counter()
@@ -434,4 +615,4 @@ def run_pretraining(
         sched.total_steps,
         out,
     )
-    return RunResult(how, done, model)
+    return RunResult(how, done, model, stop.signum)

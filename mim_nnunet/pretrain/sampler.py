@@ -76,6 +76,12 @@ class EpochCrops(Dataset):
         return self.crops[i]
 
 
-def ignore_sigint(_worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: Ctrl-C is for the main process, which saves and stops the workers."""
+def ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: SIGINT (Ctrl-C) and SIGTERM (Slurm's time limit, ``scancel``: sent to the
+    whole process group) are for the main process, which finishes the step, saves and stops the workers. A
+    worker that died of SIGTERM would instead make the main process abort mid-step, with nothing saved."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+ignore_sigint = ignore_stop_signals  # the former name
