@@ -108,6 +108,21 @@ def test_resume_refuses_another_data_layout(tmp_path):
         )
 
 
+def test_resume_of_a_run_saved_before_newer_config_fields(tmp_path):
+    """A checkpoint whose config lacks fields added later (align_target, align_ema) resumes: they default to the
+    behaviour before they existed."""
+    from mim_nnunet.checkpoint import save_checkpoint
+
+    run_pretraining(tmp_path, tiny_options(max_steps=2, stop_after=1), RandomCrops(), DATA, DistInfo())
+    path = tmp_path / "checkpoint_latest.safetensors"
+    weights, meta = load_checkpoint(path)
+    for key in ("align_target", "align_ema"):
+        meta.config.pop(key)
+    save_checkpoint(path, weights, meta)  # as an older version wrote it (digests recomputed)
+    result = run_pretraining(tmp_path, tiny_options(max_steps=2), RandomCrops(), DATA, DistInfo(), resume=True)
+    assert (result.status, result.step) == ("finished", 2)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -49,7 +49,7 @@ from ..checkpoint import (
     save_checkpoint,
     save_resume_state,
 )
-from ..model.config import EXECUTION_FIELDS, TOKEN_SIZE
+from ..model.config import EXECUTION_FIELDS, TOKEN_SIZE, MiMConfig
 from ..plots import plot_progress, save_previews
 from .distributed import DistInfo, any_rank
 from .engine import AUTOCAST, train_steps
@@ -303,6 +303,19 @@ def _check_data(path: Path, meta: CheckpointMetadata, data: dict) -> None:
         )
 
 
+def _config_with_defaults(config: dict) -> dict:
+    """A checkpoint's config with the fields added since it was written at their defaults.
+
+    Every field added to :class:`MiMConfig` defaults to the behaviour before it existed (e.g. ``align_target``
+    'online', ``conv_ln_eps`` 1e-6), so a run saved by an older version resumes; unknown keys stay as they are.
+    """
+    try:
+        full = MiMConfig.from_dict(config).to_dict()
+    except (TypeError, ValueError):
+        return config
+    return json.loads(json.dumps(full))
+
+
 def _restore(
     out: Path, model, optimizer, scaler, order: CropOrder, opts: RunOptions, dist: DistInfo, data: dict
 ) -> tuple[int, bool]:
@@ -331,8 +344,9 @@ def _restore(
             problems.append(str(e))
             continue
         mine = json.loads(json.dumps(model.config.to_dict()))
+        theirs = _config_with_defaults(meta.config)
         diff = sorted(
-            k for k in set(mine) | set(meta.config) if k not in EXECUTION_FIELDS and mine.get(k) != meta.config.get(k)
+            k for k in set(mine) | set(theirs) if k not in EXECUTION_FIELDS and mine.get(k) != theirs.get(k)
         )
         if diff:
             raise ResumeError(f"{path}: written for another model configuration (differs in {diff})")
