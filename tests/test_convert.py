@@ -226,3 +226,45 @@ def test_load_encoder_is_verified_eval_and_forward_unchanged(converted, tmp_path
     bad.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="sha256"):
         load_encoder(bad)
+
+
+def test_converted_table_at_anisotropic_patch_and_eps_in_the_plans(converted):
+    """Fine-tuning a converted file at 160 x 128 x 96: the exact sin-cos table of the (10, 8, 6) grid in the
+    authors' axis order, recomputed not stretched; the plans carry eps 1e-5 into nnU-Net's network."""
+    from mim_nnunet.model.config import MiMConfig
+    from mim_nnunet.model.segmentation import MiMSegmentationNetwork
+    from mim_nnunet.nnunet.planner import architecture_kwargs
+    from mim_nnunet.nnunet.weights import load_pretrained_encoder
+
+    _, dst, _ = converted
+    md = read_metadata(dst)
+    kw = architecture_kwargs(MiMConfig.from_dict(md.config), (160, 128, 96))
+    assert kw["conv_ln_eps"] == 1e-5
+    net = MiMSegmentationNetwork(1, 4, **kw)
+    report = load_pretrained_encoder(net, dst, md.weights_sha256, kw)
+    assert report.pos_method == "recomputed" and report.pos_grid_to == (10, 8, 6)
+    assert torch.equal(net.encoder.pos_embed, sincos_pos_embed_3d(48, (10, 8, 6), AXES_CONVERTED)[None])
+    assert {m.eps for m in net.encoder.modules() if isinstance(m, LayerNorm3d)} == {1e-5}
+
+
+def test_checkpoints_and_plans_without_conv_ln_eps_still_load(tmp_path):
+    """Files written before the field existed: read as 1e-6 (what they were trained with); a mismatch is named."""
+    from mim_nnunet.checkpoint import CheckpointMetadata, save_checkpoint
+    from mim_nnunet.model.config import MiMConfig
+    from mim_nnunet.model.segmentation import MiMSegmentationNetwork
+    from mim_nnunet.nnunet.planner import architecture_kwargs
+    from mim_nnunet.nnunet.weights import load_pretrained_encoder
+
+    m = build_pretraining_model("tiny")
+    config = m.config.to_dict()
+    del config["conv_ln_eps"]
+    path = tmp_path / "old.safetensors"
+    sha = save_checkpoint(path, m.state_dict(), CheckpointMetadata("tiny", config, [1.5] * 3, [-1000, 1000], input_size=32))
+    assert MiMConfig.from_dict(read_metadata(path).config).conv_ln_eps == 1e-6
+    kw = architecture_kwargs(MiMConfig.from_dict(config), (32, 32, 48))
+    old_plans = {k: v for k, v in kw.items() if k not in ("conv_ln_eps", "feature_norm")}
+    net = MiMSegmentationNetwork(1, 4, **old_plans)
+    load_pretrained_encoder(net, path, sha, old_plans)
+    assert load_encoder(path).norm.eps == 1e-6
+    with pytest.raises(CheckpointError, match="conv_ln_eps: checkpoint 1e-06 vs plans 1e-05"):
+        load_pretrained_encoder(net, path, sha, dict(old_plans, conv_ln_eps=1e-5))

@@ -57,6 +57,8 @@ class HybridEncoder(nn.Module):
     def position_embedding(self, grid: tuple[int, int, int]) -> torch.Tensor:
         if tuple(grid) == self.pos_grid:
             return self.pos_embed
+        if self.pos_embed.device.type == "meta":  # shape-only runs (the planner's memory model): no values
+            return sincos_pos_embed_3d(self.dims[3], tuple(grid))[None].to(self.pos_embed)
         # Through the one adaptation path: keeps the axis order of a loaded (e.g. converted) table.
         return adapt_pos_embed(self.pos_embed, self.pos_grid, tuple(grid))[0]
 
