@@ -239,8 +239,9 @@ def test_converted_table_at_anisotropic_patch_and_eps_in_the_plans(converted):
     _, dst, _ = converted
     md = read_metadata(dst)
     kw = architecture_kwargs(MiMConfig.from_dict(md.config), (160, 128, 96))
-    assert kw["conv_ln_eps"] == 1e-5
+    assert kw["conv_ln_eps"] == 1e-5 and kw["feature_norm"] == "per_map"  # point 7's choice, in the plans
     net = MiMSegmentationNetwork(1, 4, **kw)
+    assert net.feature_norm == "per_map"
     report = load_pretrained_encoder(net, dst, md.weights_sha256, kw)
     assert report.pos_method == "recomputed" and report.pos_grid_to == (10, 8, 6)
     assert torch.equal(net.encoder.pos_embed, sincos_pos_embed_3d(48, (10, 8, 6), AXES_CONVERTED)[None])
