@@ -54,8 +54,8 @@ def test_plan_train_predict_export(tmp_path):
     env.pop("MIM_NNUNET_CHECKPOINT", None)
     ensure_ext_trainer(env)
 
-    # 5 training cases (nnU-Net's 5-fold split needs 5), ~37 x 37 x 53 voxels at 1.5 mm -> a 32 x 32 x 48
-    # patch: its token grid (2, 2, 3) differs from pre-training's (2, 2, 2), so the position table is adapted.
+    # 5 training cases (nnU-Net's 5-fold split needs 5), ~53 x 37 x 37 voxels (z, y, x) at 1.5 mm -> a 48 x 32 x 32
+    # patch: its token grid (3, 2, 2) differs from pre-training's (2, 2, 2), so the position table is adapted.
     folder = write_nnunet_dataset(
         raw, DATASET_ID, "MiMPhantom", n_train=5, n_test=1, seed=0, shape_mm=(56.0, 56.0, 80.0)
     )
@@ -89,7 +89,7 @@ def test_plan_train_predict_export(tmp_path):
 
     plans = json.loads((pre / folder.name / f"{PLANS}.json").read_text())
     cfg = plans["configurations"]["3d_fullres"]
-    assert cfg["patch_size"] == [32, 32, 48] and cfg["batch_size"] >= 2
+    assert cfg["patch_size"] == [48, 32, 32] and cfg["batch_size"] >= 2
     assert cfg["architecture"]["network_class_name"] == "mim_nnunet.model.segmentation.MiMSegmentationNetwork"
     assert plans["mim"]["checkpoint"]["sha256"] == sha
     assert plans["foreground_intensity_properties_per_channel"]["0"]["percentile_00_5"] == -1000
@@ -107,7 +107,7 @@ def test_plan_train_predict_export(tmp_path):
         "cpu",
     ]
     out = run(train, env)
-    assert "MiM encoder loaded" in out and "position embedding (2, 2, 2) -> (2, 2, 3) (recomputed)" in out
+    assert "MiM encoder loaded" in out and "position embedding (2, 2, 2) -> (3, 2, 2) (recomputed)" in out
     fold = res / folder.name / f"{TRAINER}__{PLANS}__3d_fullres" / "fold_0"
     assert (fold / "checkpoint_final.pth").is_file() and (fold / "validation" / "summary.json").is_file()
     # The trained model predicts with the sin-cos table of its patch grid at integer positions (issue 9).
@@ -116,7 +116,7 @@ def test_plan_train_predict_export(tmp_path):
     from mim_nnunet.model.pos_embed import sincos_pos_embed_3d
 
     weights = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)["network_weights"]
-    assert torch.equal(weights["encoder.pos_embed"], sincos_pos_embed_3d(m.config.dims[3], (2, 2, 3))[None])
+    assert torch.equal(weights["encoder.pos_embed"], sincos_pos_embed_3d(m.config.dims[3], (3, 2, 2))[None])
 
     out = run(train + ["--c"], env)  # resumes from nnU-Net's checkpoint: must not reload the MiM encoder
     assert "MiM encoder loaded" not in out
