@@ -41,6 +41,13 @@ def build_encoder(preset: str = "base", **overrides) -> HybridEncoder:
     return HybridEncoder(**make_config(preset, **overrides).encoder_kwargs())
 
 
+def load_encoder(path, input_size: int | tuple[int, int, int] | None = None) -> HybridEncoder:
+    """The verified pre-trained hybrid encoder of a MiM checkpoint (ours or converted), in eval mode."""
+    from .nnunet.weights import load_encoder as _load
+
+    return _load(path, input_size)
+
+
 def build_pretraining_model(preset: str = "base", **overrides) -> MiMPretrainingModel:
     """The MiM pre-training model of a preset (any :class:`MiMConfig` field may be overridden)."""
     from .model.config import make_config
@@ -51,5 +58,5 @@ def build_pretraining_model(preset: str = "base", **overrides) -> MiMPretraining
 
 __all__ = [
     "PRESETS", "HybridEncoder", "LevelOutput", "MiMConfig", "MiMOutput", "MiMPretrainingModel",
-    "build_encoder", "build_pretraining_model", "make_config", "__version__",
+    "build_encoder", "build_pretraining_model", "load_encoder", "make_config", "__version__",
 ]

@@ -55,3 +55,31 @@ def test_every_parameter_gets_a_gradient():
 def test_patch_not_multiple_of_16_is_refused():
     with pytest.raises(ValueError, match="multiples of 16"):
         tiny_net((32, 40, 32))
+
+
+def test_feature_norm_per_map_normalises_every_map_without_the_final_norm():
+    """Issue 9 point 7: "per_map" feeds the decoder the four maps LayerNormed over channels, no parameters,
+    without the pre-training final norm; "final" (default) is the network as before."""
+    torch.manual_seed(0)
+    final = tiny_net((32, 32, 48))
+    assert final.feature_norm == "final"
+    c = make_config("tiny")
+    per_map = MiMSegmentationNetwork(1, 3, (32, 32, 48), dims=c.dims, conv_depths=c.conv_depths, depth=c.depth,
+                                     num_heads=c.num_heads, feature_norm="per_map")
+    per_map.load_state_dict(final.state_dict())  # same parameters: the switch adds none
+    seen = []
+    per_map.decoder.register_forward_pre_hook(lambda mod, args: seen.append(args[1]))
+    x = torch.randn(2, 1, 32, 32, 48)
+    out = per_map(x)
+    for f in seen[0]:
+        assert torch.allclose(f.mean(1), torch.zeros(()), atol=1e-5)
+        assert torch.allclose(f.var(1, unbiased=False), torch.ones(()), atol=1e-3)
+    raw = per_map.encoder(x, final_norm=False)[3]
+    assert not torch.allclose(raw, final.encoder(x)[3])  # the final norm really is skipped
+    assert not torch.allclose(out[0], final(x)[0])
+    sum(o.sum() for o in out).backward()
+    assert per_map.encoder.norm.weight.grad is None and not per_map.encoder.norm.weight.requires_grad  # unused
+    assert all(p.grad is not None for n, p in per_map.named_parameters() if not n.startswith("encoder.norm."))
+    with pytest.raises(ValueError, match="feature_norm"):
+        MiMSegmentationNetwork(1, 3, (32, 32, 32), dims=c.dims, conv_depths=c.conv_depths, depth=c.depth,
+                               num_heads=c.num_heads, feature_norm="none")

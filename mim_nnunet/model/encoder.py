@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .layers import Block, ConvBlock, Downsample, downsample_rows
 from .packed import PackedLayout
-from .pos_embed import sincos_pos_embed_3d
+from .pos_embed import adapt_pos_embed, sincos_pos_embed_3d
 
 
 class HybridEncoder(nn.Module):
@@ -28,6 +28,7 @@ class HybridEncoder(nn.Module):
         mlp_ratio: float = 4.0,
         drop_path_rate: float = 0.0,
         input_size: int | tuple[int, int, int] = 96,
+        conv_ln_eps: float = 1e-6,
         grad_checkpointing: bool = False,
         checkpoint_chunk: int = 4,
     ):
@@ -38,13 +39,13 @@ class HybridEncoder(nn.Module):
         n_blocks = sum(conv_depths) + depth
         rates = torch.linspace(0, drop_path_rate, n_blocks).tolist()
         chans = (in_channels,) + self.dims[:3]
-        self.downsamples = nn.ModuleList(Downsample(chans[i], chans[i + 1]) for i in range(3))
+        self.downsamples = nn.ModuleList(Downsample(chans[i], chans[i + 1], conv_ln_eps) for i in range(3))
         self.stages = nn.ModuleList()
         k = 0
         for i in range(3):
-            self.stages.append(nn.ModuleList(ConvBlock(dims[i], mlp_ratio, rates[k + j]) for j in range(conv_depths[i])))
+            self.stages.append(nn.ModuleList(ConvBlock(dims[i], mlp_ratio, rates[k + j], conv_ln_eps) for j in range(conv_depths[i])))
             k += conv_depths[i]
-        self.token_downsample = Downsample(dims[2], dims[3])
+        self.token_downsample = Downsample(dims[2], dims[3], conv_ln_eps)
         self.token_proj = nn.Linear(dims[3], dims[3])
         self.blocks = nn.ModuleList(Block(dims[3], num_heads, mlp_ratio, rates[k + j]) for j in range(depth))
         self.norm = nn.LayerNorm(dims[3], eps=1e-6)
@@ -56,7 +57,10 @@ class HybridEncoder(nn.Module):
     def position_embedding(self, grid: tuple[int, int, int]) -> torch.Tensor:
         if tuple(grid) == self.pos_grid:
             return self.pos_embed
-        return sincos_pos_embed_3d(self.dims[3], tuple(grid))[None].to(self.pos_embed)
+        if self.pos_embed.device.type == "meta":  # shape-only runs (the planner's memory model): no values
+            return sincos_pos_embed_3d(self.dims[3], tuple(grid))[None].to(self.pos_embed)
+        # Through the one adaptation path: keeps the axis order of a loaded (e.g. converted) table.
+        return adapt_pos_embed(self.pos_embed, self.pos_grid, tuple(grid))[0]
 
     def _block(self, block: ConvBlock, x: torch.Tensor, visible: torch.Tensor | None) -> torch.Tensor:
         if not self._checkpointing():
@@ -134,9 +138,15 @@ class HybridEncoder(nn.Module):
                 tokens = block(tokens, attn_mask)
         return tokens
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Unmasked features for fine-tuning: stage 1-3 maps and the token map ``(N, D, S/16, S/16, S/16)``."""
+    def forward(self, x: torch.Tensor, final_norm: bool = True) -> list[torch.Tensor]:
+        """Unmasked features for fine-tuning: stage 1-3 maps and the token map ``(N, D, S/16, S/16, S/16)``.
+
+        ``final_norm=False`` leaves out the pre-training ``norm`` on the token map (what the authors'
+        fine-tuning backbone does; see ``MiMSegmentationNetwork``'s ``feature_norm``).
+        """
         stages, tokens = self.forward_conv(x)
-        tokens = self.norm(self.forward_blocks(tokens))
+        tokens = self.forward_blocks(tokens)
+        if final_norm:
+            tokens = self.norm(tokens)
         grid = tuple(s // 16 for s in x.shape[2:])
         return stages + [tokens.transpose(1, 2).reshape(x.shape[0], -1, *grid)]

@@ -29,10 +29,13 @@ class LayerNorm3d(nn.LayerNorm):
 
 
 class Downsample(nn.Sequential):
-    """Conv3d k=2 s=2, channel LayerNorm, GELU (mim_method.md §1). Non-overlapping, so it never mixes tokens."""
+    """Conv3d k=2 s=2, channel LayerNorm, GELU (mim_method.md §1). Non-overlapping, so it never mixes tokens.
 
-    def __init__(self, in_dim: int, out_dim: int):
-        super().__init__(nn.Conv3d(in_dim, out_dim, kernel_size=2, stride=2), LayerNorm3d(out_dim, eps=1e-6), nn.GELU())
+    ``eps`` of the LayerNorm: see ``MiMConfig.conv_ln_eps`` (1e-5 in the authors' weights, 1e-6 in ours).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, eps: float = 1e-6):
+        super().__init__(nn.Conv3d(in_dim, out_dim, kernel_size=2, stride=2), LayerNorm3d(out_dim, eps=eps), nn.GELU())
 
 
 def _depthwise_weight_grad(x: torch.Tensor, grad: torch.Tensor, k: int, channel_dim: int, chunk: int = 4) -> torch.Tensor:
@@ -200,13 +203,13 @@ class ConvBlock(nn.Module):
     positions never see masked voxels (masked convolution, mim_method.md §1).
     """
 
-    def __init__(self, dim: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
+    def __init__(self, dim: int, mlp_ratio: float = 4.0, drop_path: float = 0.0, eps: float = 1e-6):
         super().__init__()
-        self.norm1 = LayerNorm3d(dim, eps=1e-6)
+        self.norm1 = LayerNorm3d(dim, eps=eps)
         self.pw1 = nn.Conv3d(dim, dim, 1)
         self.dw = DepthwiseConv3d(dim, 5)
         self.pw2 = nn.Conv3d(dim, dim, 1)
-        self.norm2 = LayerNorm3d(dim, eps=1e-6)
+        self.norm2 = LayerNorm3d(dim, eps=eps)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Conv3d(dim, hidden, 1), nn.GELU(), nn.Conv3d(hidden, dim, 1))
         self.drop_path = drop_path

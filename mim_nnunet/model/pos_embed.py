@@ -35,33 +35,45 @@ def _sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
 
 
-def sincos_pos_embed_3d(dim: int, grid: tuple[int, int, int]) -> torch.Tensor:
+# Which array axis each third of the width encodes. Ours: (0, 1, 2). Weights converted from the authors' (x, y, z)
+# arrays to our (z, y, x) arrays keep each token's vector, so their thirds encode our axes (2, 1, 0) (convert.py).
+AXES_NATIVE = (0, 1, 2)
+AXES_CONVERTED = (2, 1, 0)
+
+
+def sincos_pos_embed_3d(
+    dim: int, grid: tuple[int, int, int], axes: tuple[int, int, int] = AXES_NATIVE
+) -> torch.Tensor:
     """Return a ``(D*H*W, dim)`` float32 table for a token grid, tokens in C order of the array axes.
 
-    The width is split in three equal parts, one per axis (so ``dim`` must be divisible by 6).
+    The width is split in three equal parts; part ``k`` encodes the position along array axis ``axes[k]`` (so
+    ``dim`` must be divisible by 6).
     """
     if dim % 6:
         raise ValueError(f"3D sin-cos embedding needs a width divisible by 6, got {dim}")
+    if sorted(axes) != [0, 1, 2]:
+        raise ValueError(f"axes must be a permutation of (0, 1, 2), got {axes}")
     d, h, w = grid
-    zz, yy, xx = torch.meshgrid(torch.arange(d), torch.arange(h), torch.arange(w), indexing="ij")
+    coords = [c.reshape(-1) for c in torch.meshgrid(torch.arange(d), torch.arange(h), torch.arange(w), indexing="ij")]
     part = dim // 3
-    emb = torch.cat(
-        [
-            _sincos_1d(part, zz.reshape(-1)),
-            _sincos_1d(part, yy.reshape(-1)),
-            _sincos_1d(part, xx.reshape(-1)),
-        ],
-        dim=1,
-    )
+    emb = torch.cat([_sincos_1d(part, coords[a]) for a in axes], dim=1)
     return emb.float()
 
 
+def sincos_axes(pos_embed: torch.Tensor, grid: tuple[int, int, int]) -> tuple[int, int, int] | None:
+    """The axis order of a ``(1, L, D)`` table that is a sin-cos table of ``grid``, or None if it is none."""
+    if pos_embed.shape[1] != grid[0] * grid[1] * grid[2] or pos_embed.shape[-1] % 6:
+        return None
+    for axes in (AXES_NATIVE, AXES_CONVERTED, (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1)):
+        want = sincos_pos_embed_3d(pos_embed.shape[-1], grid, axes)
+        if torch.allclose(pos_embed[0].float(), want, atol=SINCOS_ATOL, rtol=0.0):
+            return axes
+    return None
+
+
 def is_sincos_table(pos_embed: torch.Tensor, grid: tuple[int, int, int]) -> bool:
-    """Whether a ``(1, L, D)`` table is the fixed sin-cos table of ``grid`` (tokens in C order)."""
-    want = sincos_pos_embed_3d(pos_embed.shape[-1], grid)
-    return pos_embed.shape[1:] == want.shape and bool(
-        torch.allclose(pos_embed[0].float(), want, atol=SINCOS_ATOL, rtol=0.0)
-    )
+    """Whether a ``(1, L, D)`` table is a fixed sin-cos table of ``grid`` (tokens in C order, any axis order)."""
+    return sincos_axes(pos_embed, grid) is not None
 
 
 def adapt_pos_embed(
@@ -71,14 +83,15 @@ def adapt_pos_embed(
 
     Returns the table and how it was obtained: ``"unchanged"`` (same grid), ``"recomputed"`` (the checkpoint
     holds the fixed sin-cos table, as every MiM checkpoint does: the exact table at the integer token positions of
-    the new grid) or ``"resampled"`` (any other table, e.g. a learned one: trilinear resampling, with a warning).
+    the new grid, in the checkpoint's axis order of the thirds) or ``"resampled"`` (any other table, e.g. a learned one: trilinear resampling, with a warning).
     """
     old_grid, new_grid = tuple(int(g) for g in old_grid), tuple(int(g) for g in new_grid)
     _check_length(pos_embed, old_grid)
     if old_grid == new_grid:
         return pos_embed.clone(), "unchanged"
-    if is_sincos_table(pos_embed, old_grid):
-        return sincos_pos_embed_3d(pos_embed.shape[-1], new_grid)[None].to(pos_embed.dtype), "recomputed"
+    axes = sincos_axes(pos_embed, old_grid)
+    if axes is not None:  # the same axis order as the checkpoint (converted weights: AXES_CONVERTED)
+        return sincos_pos_embed_3d(pos_embed.shape[-1], new_grid, axes)[None].to(pos_embed.dtype), "recomputed"
     log.warning(
         "position embedding is not the fixed sin-cos table of its grid %s: resampling it trilinearly to %s",
         old_grid,

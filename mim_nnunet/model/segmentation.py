@@ -10,7 +10,14 @@ nnU-Net's deep supervision; the constructor takes nnU-Net's ``input_channels``, 
 ``deep_supervision`` arguments and the plans' ``strides`` (which nnU-Net reads for the deep-supervision scales).
 
 Any patch size whose axes are multiples of 16 works. The encoder's position-embedding buffer is built for the
-``patch_size`` token grid; the fine-tuning loader overwrites it with the resampled pre-training table.
+``patch_size`` token grid; the fine-tuning loader overwrites it with the checkpoint's table adapted to that grid.
+
+``feature_norm`` says how the encoder's four feature maps are normalised before the decoder (issue 9, point 7):
+``"final"`` applies the pre-training final ``norm`` (learned LayerNorm) to the token map only and passes the conv
+stages as they are; ``"per_map"`` drops that norm and normalises each of the four maps over its channels with a
+parameter-free LayerNorm, as the authors' fine-tuning backbone does (authors_checkpoint.md). The choice is in the
+plans' ``arch_kwargs``, so prediction rebuilds the same network; the constructor default stays ``"final"`` so
+that plans written before the switch existed rebuild the network they were trained with.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import TOKEN_SIZE
@@ -25,6 +33,13 @@ from .encoder import HybridEncoder
 
 # The encoder is four stride-2 stages: the only stride pattern this network supports.
 STRIDES = ((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2))
+FEATURE_NORMS = ("final", "per_map")
+PER_MAP_EPS = 1e-5  # nn.LayerNorm's default, what a parameter-free LayerNorm without an explicit eps uses
+
+
+def per_map_norm(x: torch.Tensor) -> torch.Tensor:
+    """Parameter-free LayerNorm over the channel axis of an ``(N, C, D, H, W)`` feature map."""
+    return F.layer_norm(x.movedim(1, -1), x.shape[1:2], eps=PER_MAP_EPS).movedim(-1, 1)
 
 
 def default_decoder_dims(dims: Sequence[int]) -> tuple[int, int, int, int]:
@@ -131,8 +146,13 @@ class MiMSegmentationNetwork(nn.Module):
         strides: Sequence[Sequence[int]] = STRIDES,
         deep_supervision: bool = True,
         grad_checkpointing: bool = False,
+        conv_ln_eps: float = 1e-6,
+        feature_norm: str = "final",
     ):
         super().__init__()
+        if feature_norm not in FEATURE_NORMS:
+            raise ValueError(f"feature_norm must be one of {FEATURE_NORMS}, got {feature_norm!r}")
+        self.feature_norm = feature_norm
         patch_size = tuple(int(p) for p in patch_size)
         if len(patch_size) != 3 or any(p % TOKEN_SIZE or p <= 0 for p in patch_size):
             raise ValueError(f"patch_size must be three positive multiples of {TOKEN_SIZE}, got {patch_size}")
@@ -148,12 +168,19 @@ class MiMSegmentationNetwork(nn.Module):
             mlp_ratio=mlp_ratio,
             drop_path_rate=drop_path_rate,
             input_size=patch_size,
+            conv_ln_eps=conv_ln_eps,
             grad_checkpointing=grad_checkpointing,
         )
+        if feature_norm == "per_map":
+            # The final norm is not used; frozen, so that DDP (which nnU-Net runs without find_unused_parameters)
+            # does not wait for its gradients. It stays in the state dict: the checkpoint's keys load 1:1.
+            self.encoder.norm.requires_grad_(False)
         decoder_dims = tuple(decoder_dims) if decoder_dims is not None else default_decoder_dims(dims)
         self.decoder = MiMDecoder(input_channels, num_classes, tuple(dims), decoder_dims, deep_supervision)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         if any(s % TOKEN_SIZE for s in x.shape[2:]):
             raise ValueError(f"input spatial shape {tuple(x.shape[2:])} is not a multiple of {TOKEN_SIZE}")
-        return self.decoder(x, self.encoder(x))
+        if self.feature_norm == "final":
+            return self.decoder(x, self.encoder(x))
+        return self.decoder(x, [per_map_norm(f) for f in self.encoder(x, final_norm=False)])

@@ -13,7 +13,9 @@ its path (the file must still have the planned sha256).
 from __future__ import annotations
 
 import os
+import random
 
+import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
@@ -26,6 +28,9 @@ from .optim import WarmupCosineLR, param_groups_layer_decay
 from .weights import load_pretrained_encoder
 
 CHECKPOINT_ENV = "MIM_NNUNET_CHECKPOINT"
+# Seeds python, numpy and torch before the network is built (decoder init, sampling, augmentation): comparisons
+# of two settings on the same seeds. Fully repeatable only with nnUNet_n_proc_DA=0 (no augmentation workers).
+SEED_ENV = "MIM_NNUNET_SEED"
 NETWORK_CLASS = "mim_nnunet.model.segmentation.MiMSegmentationNetwork"
 DEFAULT_DEVICE = torch.device("cuda")  # nnU-Net's trainer signature default
 
@@ -56,6 +61,12 @@ class nnUNetTrainerMiM(nnUNetTrainer):
         device: torch.device = DEFAULT_DEVICE,
     ):
         super().__init__(plans, configuration, fold, dataset_json, device)
+        if os.environ.get(SEED_ENV):
+            seed = int(os.environ[SEED_ENV])
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.manual_seed(seed)
+            self.print_to_log_file(f"MiM: seeded with {SEED_ENV}={seed}")
         self.initial_lr = 1e-4
         self.weight_decay = 1e-5
         self._iteration_in_epoch = 0

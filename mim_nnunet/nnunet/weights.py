@@ -16,12 +16,15 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import CheckpointError, CheckpointMetadata, check_state_dict, load_checkpoint
-from ..model.config import TOKEN_SIZE
+from ..model.config import DEFAULT_CONV_LN_EPS, TOKEN_SIZE, MiMConfig
+from ..model.encoder import HybridEncoder
 from ..model.pos_embed import adapt_pos_embed
 from ..model.segmentation import MiMSegmentationNetwork
 
 # Encoder-shape fields of MiMConfig that must agree between checkpoint and network.
-ARCH_FIELDS = ("dims", "conv_depths", "depth", "num_heads", "mlp_ratio")
+ARCH_FIELDS = ("dims", "conv_depths", "depth", "num_heads", "mlp_ratio", "conv_ln_eps")
+# A checkpoint's config written before a field existed was trained with the field's default.
+ARCH_DEFAULTS = {"conv_ln_eps": DEFAULT_CONV_LN_EPS}
 STEM_KEY = "downsamples.0.0.weight"
 
 
@@ -48,7 +51,8 @@ def check_architecture(path: str | os.PathLike, md: CheckpointMetadata, arch_kwa
     """The checkpoint's encoder must be the architecture the plans built (names the differing fields)."""
     diffs = []
     for k in ARCH_FIELDS:
-        have, want = md.config.get(k), arch_kwargs.get(k)
+        have = md.config.get(k, ARCH_DEFAULTS.get(k))
+        want = arch_kwargs.get(k, ARCH_DEFAULTS.get(k)) if k in ARCH_DEFAULTS else arch_kwargs.get(k)
         norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
         if want is not None and norm(have) != norm(want):
             diffs.append(f"{k}: checkpoint {have} vs plans {want}")
@@ -120,3 +124,28 @@ def load_pretrained_encoder(
     check_state_dict(path, adapted, target)
     network.encoder.load_state_dict(adapted, strict=True)
     return LoadReport(str(path), md.weights_sha256, md.preset, len(adapted), old_grid, grid, repeated, pos_method)
+
+
+def load_encoder(path: str | os.PathLike, input_size: int | tuple[int, int, int] | None = None) -> HybridEncoder:
+    """The verified pre-trained :class:`HybridEncoder` of a MiM checkpoint, in eval mode (no nnU-Net needed).
+
+    Built from the checkpoint's config (``conv_ln_eps`` included); ``input_size`` (default: the pre-training
+    input) sets the token grid of its position table, adapted like at fine-tuning. Any input whose axes are
+    multiples of 16 works either way. ``forward`` returns the three conv-stage maps and the normed token map.
+    """
+    path = Path(path)
+    state, md = load_checkpoint(path, verify=True)
+    kwargs = MiMConfig.from_dict(md.config).encoder_kwargs()
+    if input_size is not None:
+        kwargs["input_size"] = input_size
+    kwargs["grad_checkpointing"] = False
+    encoder = HybridEncoder(**kwargs)
+    prefix = md.encoder_prefix
+    encoder_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not encoder_state:
+        raise CheckpointError(f"{path}: no tensors under the encoder prefix {prefix!r}")
+    target = encoder.state_dict()
+    adapted, *_ = adapt_encoder_state(encoder_state, md, target, tuple(encoder.pos_grid), str(path))
+    check_state_dict(path, adapted, target)
+    encoder.load_state_dict(adapted, strict=True)
+    return encoder.eval()
