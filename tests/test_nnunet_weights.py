@@ -87,6 +87,9 @@ def test_adapt_pos_embed_recomputes_sincos_and_resamples_other_tables(caplog):
     assert "not the fixed sin-cos table" in caplog.text
     with pytest.raises(ValueError, match="grid"):
         adapt_pos_embed(pe, (2, 2, 3), (4, 4, 4))
+    # the recomputed table keeps the stored table's dtype (and device: it replaces a buffer in place)
+    table, how = adapt_pos_embed(pe.double(), (2, 2, 2), (3, 2, 2))
+    assert how == "recomputed" and table.dtype == torch.float64
 
 
 def test_same_grid_position_embedding_is_unchanged(ckpt):

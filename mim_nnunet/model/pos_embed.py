@@ -64,9 +64,10 @@ def sincos_axes(pos_embed: torch.Tensor, grid: tuple[int, int, int]) -> tuple[in
     """The axis order of a ``(1, L, D)`` table that is a sin-cos table of ``grid``, or None if it is none."""
     if pos_embed.shape[1] != grid[0] * grid[1] * grid[2] or pos_embed.shape[-1] % 6:
         return None
+    table = pos_embed[0].detach().float().cpu()  # the reference tables are computed on the CPU
     for axes in (AXES_NATIVE, AXES_CONVERTED, (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1)):
         want = sincos_pos_embed_3d(pos_embed.shape[-1], grid, axes)
-        if torch.allclose(pos_embed[0].float(), want, atol=SINCOS_ATOL, rtol=0.0):
+        if torch.allclose(table, want, atol=SINCOS_ATOL, rtol=0.0):
             return axes
     return None
 
@@ -91,7 +92,7 @@ def adapt_pos_embed(
         return pos_embed.clone(), "unchanged"
     axes = sincos_axes(pos_embed, old_grid)
     if axes is not None:  # the same axis order as the checkpoint (converted weights: AXES_CONVERTED)
-        return sincos_pos_embed_3d(pos_embed.shape[-1], new_grid, axes)[None].to(pos_embed.dtype), "recomputed"
+        return sincos_pos_embed_3d(pos_embed.shape[-1], new_grid, axes)[None].to(pos_embed), "recomputed"  # dtype, device
     log.warning(
         "position embedding is not the fixed sin-cos table of its grid %s: resampling it trilinearly to %s",
         old_grid,
