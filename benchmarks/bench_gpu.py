@@ -125,6 +125,14 @@ def time_steps(step, device: torch.device, warmup: int, steps: int) -> list[floa
 # ------------------------------------------------------------------------------------------------ pre-training
 
 
+
+def measure(step, device: torch.device, args) -> tuple[list[float], float, float, int]:
+    """Step times, their median, peak memory (GB) over the timed steps, and the counted FLOPs of one step."""
+    reset_peak(device)
+    times = time_steps(step, device, args.warmup, args.steps)
+    peak = peak_memory_gb(device)
+    return times, statistics.median(times), peak, count_flops(step)
+
 def pretrain_case(args, device: torch.device, precision: str, packed: bool) -> dict:
     import mim_nnunet
     from mim_nnunet.pretrain.optim import build_optimizer
@@ -150,11 +158,7 @@ def pretrain_case(args, device: torch.device, precision: str, packed: bool) -> d
         scaler.update()
         opt.zero_grad(set_to_none=True)
 
-    reset_peak(device)
-    times = time_steps(step, device, args.warmup, args.steps)
-    peak = peak_memory_gb(device)
-    flops = count_flops(step)
-    median = statistics.median(times)
+    times, median, peak, flops = measure(step, device, args)
     return {
         "precision": precision, "execution": "packed" if packed else "dense", "batch": args.batch,
         "crop": crop, "step_s": median, "samples_per_s": args.batch / median, "peak_memory_gb": peak,
@@ -236,11 +240,7 @@ def finetune_case(args, device: torch.device, which: str) -> dict:
         scaler.update()
         opt.zero_grad(set_to_none=True)
 
-    reset_peak(device)
-    times = time_steps(step, device, args.warmup, args.steps)
-    peak = peak_memory_gb(device)
-    flops = count_flops(step)
-    median = statistics.median(times)
+    times, median, peak, flops = measure(step, device, args)
     return {
         "network": "MiMSegmentationNetwork (" + args.preset + ")" if which == "mim" else "nnU-Net PlainConvUNet",
         "patch": patch, "batch": args.ft_batch, "params_m": sum(p.numel() for p in net.parameters()) / 1e6,
