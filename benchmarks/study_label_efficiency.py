@@ -293,7 +293,8 @@ class Study:
         log.info("%s: Dice %.3f NSD %.3f", self.run_id(arm, k, seed), *ev["foreground_mean"].values())
 
     def all_runs(self) -> list[tuple[str, int, int]]:
-        return [(arm, k, seed) for k in self.s.ks for seed in self.s.seeds for arm in self.s.arms]
+        """Seed outermost: an interrupted study has every arm and k at the same number of seeds."""
+        return [(arm, k, seed) for seed in self.s.seeds for k in self.s.ks for arm in self.s.arms]
 
 
 # 5. report ---------------------------------------------------------------------------------------------------
@@ -485,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
         todo = study.all_runs()
         for arm, k, seed in tqdm(todo, desc="fine-tune + predict", unit="run"):
             study.finetune(arm, k, seed)
+            if "report" in stages:  # keep the report current while the study runs
+                build_report(a.out, s, a.report_dir)
     report = build_report(a.out, s, a.report_dir)
     log.info("report: %s (%d runs, %d missing) in %.0f s", a.report_dir / "study.md", len(report["runs"]),
              len(report["missing_runs"]), time.perf_counter() - t0)  # fmt: skip

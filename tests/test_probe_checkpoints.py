@@ -1,0 +1,40 @@
+"""benchmarks/probe_checkpoints.py (issue 10, point 5): frozen-encoder probe of checkpoints against random inits."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from test_nnunet_weights import make_checkpoint
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "probe_checkpoints.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("probe_checkpoints", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_probes_checkpoints_and_random_inits_on_the_same_voxels(phantom_dataset, tmp_path):
+    ckpt = tmp_path / "a.safetensors"
+    make_checkpoint(ckpt, seed=3)
+    out = tmp_path / "probe.json"
+    argv = ["--dataset", str(phantom_dataset), "--cases", "1", "--random", "2", "--probe-seeds", "0", "--out", str(out),
+            f"A={ckpt}", f"B={ckpt}"]  # fmt: skip
+    assert _script().main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["encoder"] for r in rows] == ["A", "B", "random init (seed 0)", "random init (seed 1)"]
+    assert all(0.0 <= r["mean"] <= 1.0 and len(r["probe_dice"]) == 1 for r in rows)
+    # the same weights on the same voxels give the same Dice; other weights another one
+    assert rows[0]["probe_dice"] == rows[1]["probe_dice"]
+    assert rows[2]["probe_dice"] != rows[3]["probe_dice"]
+
+
+def test_refuses_a_missing_checkpoint_naming_it(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        _script().main(["--dataset", str(tmp_path), f"A={tmp_path / 'nope.safetensors'}"])
+    assert e.value.code == 2 and "nope.safetensors: no such checkpoint" in capsys.readouterr().err
