@@ -59,6 +59,7 @@ class Arm:
     pretrain_args: tuple[str, ...] | None = None  # extra mim_nnunet_pretrain options; None = no pre-training
     plans: str = "mim"  # "mim": MiM plans (the checkpoint's network); "stock": nnU-Net's own plans
     label: str = ""
+    source: str | None = None  # fine-tune this arm's checkpoint (and plans) instead of pre-training one
 
 
 #: The arms, in report order. Adding an arm is one entry. "MiM-EMA" is there because the paper's alignment
@@ -71,7 +72,16 @@ ARMS: dict[str, Arm] = {
     "MAE": Arm("nnUNetTrainerMiM_study", ("--levels", "1"), label="MAE ablation (levels=1, no alignment)"),
     "scratch": Arm("nnUNetTrainerMiM_scratch_study", None, label="same network, random init"),
     "nnUNet": Arm("nnUNetTrainerStock_study", None, plans="stock", label="stock nnU-Net"),
+    # diagnostic arms (issue 10, point 5; not in the default study): keep the encoder near its initialisation
+    "MiM-lowenc": Arm(
+        "nnUNetTrainerMiM_lowenc_study", source="MiM", label="MiM checkpoint, encoder lr x 0.1 (diagnostic)"
+    ),
+    "scratch-lowenc": Arm(
+        "nnUNetTrainerMiM_scratch_lowenc_study", None, label="random init, encoder lr x 0.1 (diagnostic)"
+    ),
 }
+#: the study's arms when ``--arms`` is not given (the diagnostic arms are opt-in)
+DEFAULT_ARMS = ("MiM", "MiM-EMA", "MAE", "scratch", "nnUNet")
 
 
 @dataclass
@@ -81,7 +91,7 @@ class Settings:
     val: int = 2
     test: int = 10
     seeds: tuple[int, ...] = (0, 1, 2)
-    arms: tuple[str, ...] = tuple(ARMS)
+    arms: tuple[str, ...] = DEFAULT_ARMS
     preset: str = "tiny"
     pretrain_steps: int = 2000  # 40 epochs of the 100-phantom corpus; budget in docs/study.md
     pretrain_batch: int = 2
@@ -169,7 +179,13 @@ class Study:
         return self.out / "pretrain" / arm / "checkpoint_final.safetensors"
 
     def pretrained_arms(self) -> list[str]:
-        return [a for a in self.s.arms if ARMS[a].pretrain_args is not None]
+        """Arms whose pre-training runs: those of the selected arms, and the sources the others fine-tune."""
+        names: list[str] = []
+        for a in self.s.arms:
+            src = ARMS[a].source or (a if ARMS[a].pretrain_args is not None else None)
+            if src is not None and src not in names:
+                names.append(src)
+        return names
 
     def pretrain(self) -> None:
         s = self.s
@@ -191,7 +207,9 @@ class Study:
     def plans_name(self, arm: str) -> str:
         if ARMS[arm].plans == "stock":
             return STOCK_PLANS
-        source = arm if ARMS[arm].pretrain_args is not None else self.pretrained_arms()[0]
+        source = ARMS[arm].source or (
+            arm if ARMS[arm].pretrain_args is not None else self.pretrained_arms()[0]
+        )
         return f"{MIM_PLANS}_{source}"
 
     def plan(self) -> None:
@@ -436,7 +454,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
                    help="work folder (default work_dirs/study, or work_dirs/study_quick with --quick)")  # fmt: skip
     p.add_argument("--report-dir", type=Path, default=None,
                    help="where study.md/.json/.png go (default docs/, or the work folder with --quick)")  # fmt: skip
-    p.add_argument("--arms", nargs="+", choices=list(ARMS), default=None, help="arms to run (default: all)")
+    p.add_argument("--arms", nargs="+", choices=list(ARMS), default=None,
+                   help=f"arms to run (default: {' '.join(DEFAULT_ARMS)})")  # fmt: skip
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="fine-tuning seeds (default 0 1 2)")
     p.add_argument("--ks", type=int, nargs="+", default=None, help="labeled training cases (default 2 8)")
     p.add_argument(
@@ -472,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     a, s = parse_args(argv)
     stages = ["report"] if a.report_only else a.stages
     study = Study(a.out, s)
-    (a.out / "settings.json").write_text(json.dumps(asdict(s), indent=2))
+    (a.out / f"settings_{a.report_dir.name}.json").write_text(json.dumps(asdict(s), indent=2))  # per report
     t0 = time.perf_counter()
     if "data" in stages:
         study.data()

@@ -64,3 +64,21 @@ def test_scheduler_writes_scaled_lr_into_every_group(net):
             assert math.isclose(g["lr"], 1e-3 * factor * g["lr_scale"], abs_tol=1e-12)
     sched.step(0)
     assert 0 < opt.param_groups[0]["lr"] < 1e-5  # the first step moves, barely
+
+
+def test_encoder_groups_scaled_decoder_groups_kept(net):
+    from mim_nnunet.nnunet.optim import scale_encoder_groups
+
+    groups = param_groups_layer_decay(net, 1e-5, 0.75, (1, 1, 1), 2)
+    before = {id(g): g["lr_scale"] for g in groups}
+    scale_encoder_groups(groups, 0.1)
+    top = max(g["layer_id"] for g in groups)
+    for g in groups:
+        want = before[id(g)] * (0.1 if g["layer_id"] < top else 1.0)
+        assert g["lr_scale"] == pytest.approx(want)
+    dec = next(g for g in groups if any(p is net.decoder.seg_layers[0].weight for p in g["params"]))
+    stem = next(g for g in groups if any(p is net.encoder.downsamples[0][0].weight for p in g["params"]))
+    assert dec["lr_scale"] == 1.0 and stem["lr_scale"] == pytest.approx(0.1 * 0.75**6)
+    opt = torch.optim.AdamW(groups, lr=1e-2)
+    WarmupCosineLR(opt, 1e-2, total_epochs=10, warmup_epochs=0).step(0.0)
+    assert stem["lr"] == pytest.approx(1e-2 * 0.1 * 0.75**6) and dec["lr"] == pytest.approx(1e-2)

@@ -23,7 +23,11 @@ def _study_module():
 
 
 @pytest.mark.parametrize(
-    "name", ["nnUNetTrainerMiM_study", "nnUNetTrainerMiM_scratch_study", "nnUNetTrainerStock_study"]
+    "name",
+    [
+        "nnUNetTrainerMiM_study", "nnUNetTrainerMiM_scratch_study", "nnUNetTrainerStock_study",
+        "nnUNetTrainerMiM_lowenc_study", "nnUNetTrainerMiM_scratch_lowenc_study",
+    ],  # fmt: skip
 )
 def test_stock_lookup_finds_study_trainers(monkeypatch, name):
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
@@ -105,6 +109,12 @@ def test_arms_are_one_entry_each():
     assert study.ARMS["MAE"].pretrain_args == ("--levels", "1") and study.ARMS["MiM"].pretrain_args == ()
     assert study.ARMS["MiM"].trainer == study.ARMS["MAE"].trainer  # the same fine-tuning for both checkpoints
     assert study.ARMS["nnUNet"].plans == "stock" and study.ARMS["scratch"].pretrain_args is None
+    # diagnostic arms are opt-in and fine-tune another arm's checkpoint instead of pre-training their own
+    assert set(study.DEFAULT_ARMS) == {"MiM", "MiM-EMA", "MAE", "scratch", "nnUNet"}
+    s = study.Study.__new__(study.Study)
+    s.s = study.Settings(arms=("MiM-lowenc", "scratch-lowenc"))
+    assert s.pretrained_arms() == ["MiM"]
+    assert s.plans_name("MiM-lowenc") == s.plans_name("scratch-lowenc") == f"{study.MIM_PLANS}_MiM"
 
 
 @pytest.mark.slow

@@ -67,6 +67,15 @@ def param_groups_layer_decay(
     return [groups[k] for k in sorted(groups, key=lambda k: (-k[0], not k[1]))]
 
 
+def scale_encoder_groups(groups: list[dict], scale: float) -> list[dict]:
+    """Multiply the ``lr_scale`` of every encoder group (layer id below the top, i.e. not the decoder) by ``scale``."""
+    top = max(g["layer_id"] for g in groups)
+    for g in groups:
+        if g["layer_id"] < top:
+            g["lr_scale"] *= scale
+    return groups
+
+
 class WarmupCosineLR(LRScheduler):
     """Linear warm-up to ``base_lr`` over ``warmup_epochs``, then cosine to 0 at ``total_epochs``.
 

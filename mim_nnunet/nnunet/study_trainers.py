@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from .optim import scale_encoder_groups
 from .trainer import DEFAULT_DEVICE, nnUNetTrainerMiM
 
 EPOCHS_ENV, ITERS_ENV, SEED_ENV = "MIM_NNUNET_STUDY_EPOCHS", "MIM_NNUNET_STUDY_ITERS", "MIM_NNUNET_STUDY_SEED"
@@ -77,6 +78,29 @@ class nnUNetTrainerMiM_study(_StudyMixin, nnUNetTrainerMiM):
 
 class nnUNetTrainerMiM_scratch_study(nnUNetTrainerMiM_study):
     """The same network and recipe, randomly initialised."""
+
+    load_pretrained = False
+
+
+class nnUNetTrainerMiM_lowenc_study(nnUNetTrainerMiM_study):
+    """Diagnostic arm (issue 10, point 5): the encoder's learning rates x ``encoder_lr_scale``, the decoder's not.
+
+    At the study's lr (1e-2, layer decay 0.75) 200 AdamW iterations move the pre-trained encoder weights by 10-110 %
+    of their norm (docs/study.md): this variant keeps them near their initialisation, to tell whether the
+    pre-trained features help when they are kept.
+    """
+
+    encoder_lr_scale = 0.1
+
+    def configure_optimizers(self):
+        optimizer, scheduler = super().configure_optimizers()
+        scale_encoder_groups(optimizer.param_groups, self.encoder_lr_scale)
+        scheduler.step(0.0)  # the groups' lr from the new scales
+        return optimizer, scheduler
+
+
+class nnUNetTrainerMiM_scratch_lowenc_study(nnUNetTrainerMiM_lowenc_study):
+    """The same low encoder learning rate from a random initialisation (the control of the diagnostic arm)."""
 
     load_pretrained = False
 
