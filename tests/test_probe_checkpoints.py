@@ -38,3 +38,20 @@ def test_refuses_a_missing_checkpoint_naming_it(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         _script().main(["--dataset", str(tmp_path), f"A={tmp_path / 'nope.safetensors'}"])
     assert e.value.code == 2 and "nope.safetensors: no such checkpoint" in capsys.readouterr().err
+
+
+def test_encoder_drift_is_zero_for_the_same_weights_and_grows_with_change(tmp_path):
+    import torch
+
+    spec = importlib.util.spec_from_file_location("encoder_drift", SCRIPT.parent / "encoder_drift.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    m, _ = make_checkpoint(tmp_path / "a.safetensors")
+    state = m.state_dict()
+    same = mod.drift(state, state, "encoder.")
+    assert same and all(v == 0.0 for v in same.values())
+    moved = {k: (v * 1.5 if k.startswith("encoder.blocks.0.") else v) for k, v in state.items()}
+    d = mod.drift(state, moved, "encoder.")
+    assert d["blocks.0"] == pytest.approx(0.5) and d["blocks.1"] == 0.0
+    with pytest.raises(ValueError, match="no encoder weight"):
+        mod.drift(state, {"decoder.x": torch.zeros(2, 2)}, "encoder.")
