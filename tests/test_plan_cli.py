@@ -58,3 +58,32 @@ def test_missing_checkpoint(tmp_path):
     line = _one_line_error(_plan(["-d", "990", "-pt", str(tmp_path / "nope.safetensors")],
                                  nnUNet_raw=str(tmp_path), nnUNet_preprocessed=str(tmp_path)))  # fmt: skip
     assert "nope.safetensors: no such checkpoint file" in line
+
+
+def test_empty_window_refused(checkpoint, tmp_path):
+    line = _one_line_error(_plan(["-d", "990", "-pt", str(checkpoint), "--window", "250", "-175"],
+                                 nnUNet_raw=str(tmp_path), nnUNet_preprocessed=str(tmp_path)))  # fmt: skip
+    assert "--window 250 -175: LO must be below HI" in line
+
+
+def test_fine_tuning_window_replaces_the_checkpoints_in_the_plans(checkpoint, tmp_path):
+    import json
+
+    from mim_nnunet.data.phantoms import write_nnunet_dataset
+
+    raw, pre = tmp_path / "raw", tmp_path / "pre"
+    folder = write_nnunet_dataset(raw, 977, "Win", n_train=2, n_test=0, seed=0, shape_mm=(56.0, 56.0, 56.0))
+    env = dict(nnUNet_raw=str(raw), nnUNet_preprocessed=str(pre), nnUNet_results=str(tmp_path / "res"))
+    for name, window in (("Default", None), ("Task", ["-175", "250"])):
+        args = ["-d", "977", "-pt", str(checkpoint), "-npfp", "1", "--no_pp", "-plans_name", name]
+        proc = _plan(args + (["--window", *window] if window else []), **env)
+        assert proc.returncode == 0, proc.stderr
+    default, task = (json.loads((pre / folder.name / f"{n}.json").read_text()) for n in ("Default", "Task"))
+    props = task["foreground_intensity_properties_per_channel"]["0"]
+    assert (props["percentile_00_5"], props["percentile_99_5"], props["std"]) == (-175.0, 250.0, 425.0)
+    assert task["mim"]["intensity_window"] == [-175.0, 250.0]
+    assert "fine-tuning window (--window; pre-training window [-1000.0, 1000.0])" in task["mim"]["decisions"][
+        "normalization"]  # fmt: skip
+    assert default["mim"]["intensity_window"] == [-1000.0, 1000.0]
+    assert default["foreground_intensity_properties_per_channel"]["0"]["percentile_00_5"] == -1000.0
+    assert "the checkpoint's pre-training window" in default["mim"]["decisions"]["normalization"]

@@ -59,6 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="normalise non-CT channels with nnU-Net's default scheme instead of refusing",
     )
+    p.add_argument(
+        "--window",
+        nargs=2,
+        type=float,
+        metavar=("LO", "HI"),
+        default=None,
+        help="HU window mapped to [0, 1] for fine-tuning instead of the checkpoint's pre-training window "
+        "(the paper fine-tunes with task windows, e.g. BTCV -175 250)",
+    )
     p.add_argument("--clean", action="store_true", help="re-extract the fingerprint even if it exists")
     p.add_argument("--no_pp", action="store_true", help="plan only, no preprocessing")
     p.add_argument("--verify_dataset_integrity", action="store_true")
@@ -71,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if any(c != "3d_fullres" for c in args.c):
         print(f"error: MiM plans have only the 3d_fullres configuration, got -c {args.c}", file=sys.stderr)
+        return 2
+    if args.window is not None and not args.window[1] > args.window[0]:
+        print(f"error: --window {args.window[0]:g} {args.window[1]:g}: LO must be below HI", file=sys.stderr)
         return 2
     if missing := [v for v in NNUNET_FOLDERS if not os.environ.get(v)]:
         print(
@@ -118,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
                 clean=True,
                 verbose=args.verbose,
             )
-        planner = functools.partial(MiMPlanner, checkpoint=args.pt, allow_non_ct=args.allow_non_ct)
+        planner = functools.partial(
+            MiMPlanner, checkpoint=args.pt, allow_non_ct=args.allow_non_ct, window=args.window
+        )
         try:
             _, plans_name = plan_experiment_dataset(
                 dataset_id,

@@ -10,7 +10,8 @@ the memory target, so they are tested without files; :class:`MiMPlanner` wires t
   not up-sampled past nnU-Net's choice for it (the 10th percentile of its spacings): inventing 3x more slices
   costs memory and time and adds nothing the scanner saw. ``overwrite_target_spacing`` replaces the rule.
 - Normalisation: the checkpoint's HU window to [0, 1] via ``CTNormalization`` with rewritten intensity properties
-  (percentile_00_5 = mean = lo, percentile_99_5 = hi, std = hi - lo): exactly the pre-training mapping. Non-CT
+  (percentile_00_5 = mean = lo, percentile_99_5 = hi, std = hi - lo): exactly the pre-training mapping, unless a
+  fine-tuning ``window`` is given (the paper fine-tunes with task windows, e.g. BTCV HU [-175, 250]). Non-CT
   channels are refused (the encoder only saw HU); with ``allow_non_ct`` they get nnU-Net's default scheme for
   their channel name and the stem is repeated over channels at loading (documented fallback).
 - Patch size: from the median shape at the target spacing, each axis rounded to a multiple of 16 (at least 32: a
@@ -209,6 +210,7 @@ class MiMPlanner(ExperimentPlanner):
         suppress_transpose: bool = False,
         checkpoint: str | Path | None = None,
         allow_non_ct: bool = False,
+        window: Sequence[float] | None = None,
     ):
         super().__init__(
             dataset_name_or_id,
@@ -225,6 +227,14 @@ class MiMPlanner(ExperimentPlanner):
         _, self.metadata = load_checkpoint(self.checkpoint, verify=True)
         self.mim_config = MiMConfig.from_dict(self.metadata.config)
         self.allow_non_ct = allow_non_ct
+        pre = [float(w) for w in self.metadata.intensity_window]
+        self.window = pre if window is None else [float(w) for w in window]
+        window_intensity_properties(self.window)  # an empty window is refused before any work
+        self.window_note = (
+            "the checkpoint's pre-training window"
+            if self.window == pre
+            else f"fine-tuning window (--window; pre-training window {pre})"
+        )
         self.notes: dict[str, str] = {}
 
     def determine_fullres_target_spacing(self) -> np.ndarray:
@@ -245,8 +255,10 @@ class MiMPlanner(ExperimentPlanner):
         self,
     ) -> tuple[list[str], list[bool]]:
         schemes, fallback = decide_normalization(self.dataset_json["channel_names"], self.allow_non_ct)
-        lo, hi = self.metadata.intensity_window
-        self.notes["normalization"] = f"CT channels: HU [{lo}, {hi}] -> [0, 1] through CTNormalization" + (
+        lo, hi = self.window
+        self.notes["normalization"] = (
+            f"CT channels: HU [{lo}, {hi}] -> [0, 1] through CTNormalization, {self.window_note}"
+        ) + (
             f"; non-CT channels {fallback}: nnU-Net's default scheme (--allow_non_ct fallback)"
             if fallback
             else ""
@@ -310,7 +322,7 @@ class MiMPlanner(ExperimentPlanner):
         intensity = dict(self.dataset_fingerprint["foreground_intensity_properties_per_channel"])
         for key, scheme in zip(self.dataset_json["channel_names"], fullres["normalization_schemes"]):
             if scheme == "CTNormalization":
-                intensity[str(key)] = window_intensity_properties(self.metadata.intensity_window)
+                intensity[str(key)] = window_intensity_properties(self.window)
         plans = {
             "dataset_name": self.dataset_name,
             "plans_name": self.plans_identifier,
@@ -331,6 +343,7 @@ class MiMPlanner(ExperimentPlanner):
             "mim": {
                 "checkpoint": checkpoint_record(self.checkpoint, self.metadata),
                 "memory_target_gb": float(self.UNet_vram_target_GB),
+                "intensity_window": self.window,
                 "decisions": dict(self.notes),
                 "dataset_intensity_properties_per_channel": self.dataset_fingerprint[
                     "foreground_intensity_properties_per_channel"
