@@ -60,6 +60,7 @@ class Arm:
     plans: str = "mim"  # "mim": MiM plans (the checkpoint's network); "stock": nnU-Net's own plans
     label: str = ""
     source: str | None = None  # fine-tune this arm's checkpoint (and plans) instead of pre-training one
+    window: tuple[float, float] | None = None  # fine-tuning HU window (planner --window); None: the checkpoint's
 
 
 #: The arms, in report order. Adding an arm is one entry. "MiM-EMA" is there because the paper's alignment
@@ -79,7 +80,15 @@ ARMS: dict[str, Arm] = {
     "scratch-lowenc": Arm(
         "nnUNetTrainerMiM_scratch_lowenc_study", None, label="random init, encoder lr x 0.1 (diagnostic)"
     ),
-}
+    "MiM-taskwin": Arm(
+        "nnUNetTrainerMiM_study", source="MiM", window=(-175.0, 250.0),
+        label="MiM checkpoint, fine-tuned on HU [-175, 250] (the paper's BTCV window; diagnostic)",
+    ),
+    "scratch-taskwin": Arm(
+        "nnUNetTrainerMiM_scratch_study", None, window=(-175.0, 250.0),
+        label="random init, HU [-175, 250] (diagnostic)",
+    ),
+}  # fmt: skip
 #: the study's arms when ``--arms`` is not given (the diagnostic arms are opt-in)
 DEFAULT_ARMS = ("MiM", "MiM-EMA", "MAE", "scratch", "nnUNet")
 
@@ -210,7 +219,8 @@ class Study:
         source = ARMS[arm].source or (
             arm if ARMS[arm].pretrain_args is not None else self.pretrained_arms()[0]
         )
-        return f"{MIM_PLANS}_{source}"
+        window = ARMS[arm].window
+        return f"{MIM_PLANS}_{source}" + (f"_win{window[0]:g}_{window[1]:g}" if window else "")
 
     def plan(self) -> None:
         s = self.s
@@ -241,6 +251,16 @@ class Study:
                         )
                 b["data_identifier"] = a["data_identifier"]
                 (folder / f"{name}.json").write_text(json.dumps(plans, indent=2))
+        for arm in [a for a in s.arms if ARMS[a].window is not None]:  # own normalisation: own preprocessing
+            name = self.plans_name(arm)
+            if not (folder / f"{name}.json").is_file():
+                source = ARMS[arm].source or self.pretrained_arms()[0]
+                cmd = _mim("plan") + [
+                    "-d", str(DATASET_ID), "-pt", str(self.checkpoint(source)), "-np", "2", "-npfp", "2",
+                    "-gpu_memory_target", str(s.mim_memory_target), "-plans_name", name,
+                    "--window", *map(str, ARMS[arm].window),
+                ]  # fmt: skip
+                self._time(f"plan:{name}", _run(cmd, self.env, self.logfile))
         if any(ARMS[a].plans == "stock" for a in s.arms) and not (folder / f"{STOCK_PLANS}.json").is_file():
             spacing = first["configurations"]["3d_fullres"]["spacing"] if first else [1.5, 1.5, 1.5]
             if not (folder / "dataset_fingerprint.json").is_file():
@@ -254,11 +274,33 @@ class Study:
                 [_exe("nnUNetv2_preprocess"), "-d", str(DATASET_ID), "-plans_name", STOCK_PLANS, "-c",
                  "3d_fullres", "-np", "2"], self.env, self.logfile)  # fmt: skip
             self._time("plan:stock", t)
-        # one fold per k: the first k training cases; the same validation cases for every fold
-        cases = [f"{NAME}_tr{i:03d}" for i in range(max(s.ks) + s.val)]
-        val = cases[max(s.ks) :]
-        splits = [{"train": cases[:k], "val": val} for k in s.ks]
-        (folder / "splits_final.json").write_text(json.dumps(splits, indent=2))
+        self.write_splits()
+
+    def write_splits(self) -> None:
+        """One fold per k: the first k training cases; the same validation cases for every fold. Folds already
+        there are kept (a run of other ks or arms on the same work folder must not renumber them)."""
+        path = self.pre / DATASET / "splits_final.json"
+        splits = json.loads(path.read_text()) if path.is_file() else []
+        for k in self.s.ks:
+            if self.split(k) not in splits:
+                splits.append(self.split(k))
+        path.write_text(json.dumps(splits, indent=2))
+
+    def split(self, k: int) -> dict:
+        """Train on the first k labeled cases, validate on the last ``--val`` (the same for every k)."""
+        n = json.loads((self.raw / DATASET / "dataset.json").read_text())["numTraining"]
+        if k > n - self.s.val:
+            raise ValueError(f"k={k}: the dataset has {n} labeled cases, {self.s.val} of them for validation")
+        cases = [f"{NAME}_tr{i:03d}" for i in range(n)]
+        return {"train": cases[:k], "val": cases[n - self.s.val :]}
+
+    def fold(self, k: int) -> int:
+        """The fold of ``splits_final.json`` that trains on the first k cases."""
+        splits = json.loads((self.pre / DATASET / "splits_final.json").read_text())
+        try:
+            return splits.index(self.split(k))
+        except ValueError:
+            raise RuntimeError(f"no fold for k={k} in {DATASET}/splits_final.json: run --stages plan") from None
 
     # 4. fine-tuning, prediction, scoring -----------------------------------------------------------------------
     def run_id(self, arm: str, k: int, seed: int) -> str:
@@ -275,7 +317,7 @@ class Study:
             return
         run = self.out / "runs" / self.run_id(arm, k, seed)
         results = run / "nnUNet_results"
-        fold = s.ks.index(k)
+        fold = self.fold(k)
         epochs = s.stock_epochs if a.plans == "stock" and s.stock_epochs else s.epochs
         env = dict(self.env, nnUNet_results=str(results), MIM_NNUNET_STUDY_EPOCHS=str(epochs),
                    MIM_NNUNET_STUDY_ITERS=str(s.iters), MIM_NNUNET_STUDY_SEED=str(seed))  # fmt: skip

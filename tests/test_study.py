@@ -115,6 +115,8 @@ def test_arms_are_one_entry_each():
     s.s = study.Settings(arms=("MiM-lowenc", "scratch-lowenc"))
     assert s.pretrained_arms() == ["MiM"]
     assert s.plans_name("MiM-lowenc") == s.plans_name("scratch-lowenc") == f"{study.MIM_PLANS}_MiM"
+    s.s = study.Settings(arms=("MiM-taskwin", "scratch-taskwin"))
+    assert s.plans_name("MiM-taskwin") == s.plans_name("scratch-taskwin") == f"{study.MIM_PLANS}_MiM_win-175_250"
 
 
 @pytest.mark.slow
@@ -140,3 +142,23 @@ def test_quick_study_end_to_end(tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")}
     assert study.main(["--quick", "--out", str(out)]) == 0
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")} == stamps  # resumed, not re-run
+
+
+def test_splits_keep_existing_folds_when_other_ks_are_planned(tmp_path):
+    """A run with other ks on the same work folder (a diagnostic arm at k=2 only) must not renumber the folds."""
+    study = _study_module()
+    raw = tmp_path / "nnUNet_raw" / study.DATASET
+    raw.mkdir(parents=True)
+    (raw / "dataset.json").write_text(json.dumps({"numTraining": 10}))
+    (tmp_path / "nnUNet_preprocessed" / study.DATASET).mkdir(parents=True)
+    full = study.Study(tmp_path, study.Settings(ks=(2, 8)))
+    full.write_splits()
+    assert (full.fold(2), full.fold(8)) == (0, 1)
+    assert full.split(8) == {"train": [f"MiMStudy_tr{i:03d}" for i in range(8)], "val": ["MiMStudy_tr008", "MiMStudy_tr009"]}
+    sub = study.Study(tmp_path, study.Settings(ks=(8, 4)))
+    sub.write_splits()
+    assert (sub.fold(2), sub.fold(8), sub.fold(4)) == (0, 1, 2)
+    with pytest.raises(ValueError, match="k=9: the dataset has 10 labeled cases, 2 of them for validation"):
+        sub.split(9)
+    with pytest.raises(RuntimeError, match="no fold for k=3"):
+        sub.fold(3)
