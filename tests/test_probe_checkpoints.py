@@ -55,3 +55,23 @@ def test_encoder_drift_is_zero_for_the_same_weights_and_grows_with_change(tmp_pa
     assert d["blocks.0"] == pytest.approx(0.5) and d["blocks.1"] == 0.0
     with pytest.raises(ValueError, match="no encoder weight"):
         mod.drift(state, {"decoder.x": torch.zeros(2, 2)}, "encoder.")
+
+
+def test_noise_floor_is_zero_without_noise_and_near_one_for_pure_noise():
+    import torch
+
+    spec = importlib.util.spec_from_file_location("phantom_information", SCRIPT.parent / "phantom_information.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    from mim_nnunet import build_pretraining_model
+
+    model = build_pretraining_model("tiny")
+    g = torch.Generator().manual_seed(0)
+    z, y, x = torch.meshgrid(*[torch.linspace(0, 1, 64)] * 3, indexing="ij")
+    clean = (0.5 + 0.3 * torch.sin(6 * z) * torch.cos(5 * y) + 0.1 * x)[None, None]
+    floors = mod.level_floors(model, clean, clean, seed=0)
+    assert len(floors) == model.config.levels and all(s == 0.0 and n > 0 for s, n in floors)
+    flat = torch.full_like(clean, 0.5)
+    noisy = flat + 0.05 * torch.randn(clean.shape, generator=g)
+    for s, n in mod.level_floors(model, noisy, flat, seed=0):
+        assert 0.9 < s / n < 1.1  # a token of pure noise: nothing is predictable (about 1)
