@@ -88,6 +88,14 @@ ARMS: dict[str, Arm] = {
         "nnUNetTrainerMiM_scratch_study", None, window=(-175.0, 250.0),
         label="random init, HU [-175, 250] (diagnostic)",
     ),
+    "MiM-taskwin-lowenc": Arm(
+        "nnUNetTrainerMiM_lowenc_study", source="MiM", window=(-175.0, 250.0),
+        label="MiM checkpoint, HU [-175, 250], encoder lr x 0.1 (diagnostic)",
+    ),
+    "scratch-taskwin-lowenc": Arm(
+        "nnUNetTrainerMiM_scratch_lowenc_study", None, window=(-175.0, 250.0),
+        label="random init, HU [-175, 250], encoder lr x 0.1 (diagnostic)",
+    ),
 }  # fmt: skip
 #: the study's arms when ``--arms`` is not given (the diagnostic arms are opt-in)
 DEFAULT_ARMS = ("MiM", "MiM-EMA", "MAE", "scratch", "nnUNet")
