@@ -114,9 +114,14 @@ def test_arms_are_one_entry_each():
     s = study.Study.__new__(study.Study)
     s.s = study.Settings(arms=("MiM-lowenc", "scratch-lowenc"))
     assert s.pretrained_arms() == ["MiM"]
-    assert s.plans_name("MiM-lowenc") == s.plans_name("scratch-lowenc") == f"{study.MIM_PLANS}_MiM"
-    s.s = study.Settings(arms=("MiM-taskwin", "scratch-taskwin"))
-    assert s.plans_name("MiM-taskwin") == s.plans_name("scratch-taskwin") == f"{study.MIM_PLANS}_MiM_win-175_250"
+    assert s.plans_name("MiM-lowenc") == s.plans_name("scratch-lowenc") == f"{study.MIM_PLANS}_MiM_win-175_250"
+    # the default MiM-network arms fine-tune on the task window, each pre-trained arm with its own checkpoint's
+    # plans; the *-hu1000 diagnostics keep the checkpoint's window
+    s.s = study.Settings(arms=study.DEFAULT_ARMS + ("MiM-hu1000", "scratch-hu1000"))
+    assert s.plans_name("scratch") == s.plans_name("MiM") == f"{study.MIM_PLANS}_MiM_win-175_250"
+    assert s.plans_name("MAE") == f"{study.MIM_PLANS}_MAE_win-175_250" and s.source("MAE") == "MAE"
+    assert s.plans_name("MiM-hu1000") == s.plans_name("scratch-hu1000") == f"{study.MIM_PLANS}_MiM"
+    assert s.plans_name("nnUNet") == study.STOCK_PLANS
 
 
 @pytest.mark.slow
