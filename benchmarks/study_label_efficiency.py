@@ -6,8 +6,9 @@ On the embedded synthetic phantoms, with fixed seeds:
    ``max(k)`` cases plus ``--val`` validation cases, and ``--test`` held-out test cases (imagesTs/labelsTs);
 2. pre-training: one run per pre-trained arm (``ARMS[...].pretrain_args``), all with the same preset and the same
    number of optimizer steps, on one shared preprocessed cache;
-3. planning: MiM plans from the first pre-trained arm's checkpoint (the others get their own plans file naming
-   their checkpoint, on the same preprocessed data); stock nnU-Net planned by its own planner at the MiM
+3. planning: MiM plans per (checkpoint, fine-tuning window) the arms need (``--window``; the MiM-network arms
+   fine-tune on ``TASK_WINDOW``), plans with the same window sharing one preprocessed copy of the data; stock
+   nnU-Net planned by its own planner at the MiM
    spacing with a small memory target (``--stock-memory-target``); ``splits_final.json`` has one fold per k
    (fold i trains on the first ``k_i`` cases, all folds validate on the same ``--val`` cases);
 4. fine-tuning: for every arm, k and seed, ``nnUNetv2_train`` with the arm's study trainer
@@ -20,7 +21,7 @@ On the embedded synthetic phantoms, with fixed seeds:
 Every finished stage leaves a file and is skipped when the command is run again (an interrupted study resumes:
 pre-training with ``--resume``, nnU-Net with ``--c``). ``--quick`` runs the same code path at toy sizes (CI).
 
-    python benchmarks/study_label_efficiency.py                 # the full study (docs/study.md: ~3.2 h estimated, 2-core CPU)
+    python benchmarks/study_label_efficiency.py                 # the full study (docs/study.md: ~3.5 h projected, 2-core CPU)
     python benchmarks/study_label_efficiency.py --quick --out /tmp/study_quick
 """
 
