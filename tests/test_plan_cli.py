@@ -28,8 +28,9 @@ def checkpoint(tmp_path_factory):
 def _plan(args: list[str], **env: str | None) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}
     environ |= {"PYTHONPATH": str(ROOT)} | {k: v for k, v in env.items() if v is not None}
+    # nnU-Net prints non-ASCII characters; a C locale must not make the capture fail
     return subprocess.run([sys.executable, "-m", "mim_nnunet.cli.plan", *args], env=environ, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+                          encoding="utf-8", errors="replace", timeout=300)  # fmt: skip
 
 
 def _one_line_error(proc: subprocess.CompletedProcess) -> str:
