@@ -28,16 +28,18 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
-from nnunetv2.preprocessing.resampling.default_resampling import (
-    compute_new_shape,
-    resample_data_or_seg_to_shape,
-)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mim_nnunet import build_pretraining_model  # noqa: E402
 from mim_nnunet.data.phantoms import make_phantom  # noqa: E402
-from mim_nnunet.data.preprocess import PreprocessSettings, body_bbox, body_mask, read_case  # noqa: E402
+from mim_nnunet.data.preprocess import (  # noqa: E402
+    PreprocessSettings,
+    body_bbox,
+    body_mask,
+    read_case,
+    window_and_resample,
+)
 from mim_nnunet.data.sources import CaseSource  # noqa: E402
 from mim_nnunet.losses import patchify  # noqa: E402
 
@@ -57,16 +59,8 @@ def noisy_and_clean(seed: int, settings: PreprocessSettings, tmp: Path) -> tuple
     box = tuple(
         slice(lo, hi) for lo, hi in body_bbox(mask, strides, arrays[0].shape, props["spacing"], settings.crop_margin_mm)
     )
-    lo, hi = settings.window
-    out = []
-    for arr in arrays:
-        arr = np.clip(arr[box], lo, hi)
-        shape = [max(1, int(v)) for v in compute_new_shape(arr.shape, props["spacing"], settings.spacing)]
-        img = resample_data_or_seg_to_shape(arr[None], shape, is_seg=False, order=settings.order, order_z=0,
-                                            current_spacing=props["spacing"], new_spacing=settings.spacing,
-                                            force_separate_z=None)[0]  # fmt: skip
-        out.append(((img - lo) / (hi - lo)).astype(np.float32))
-    return out[0], out[1]
+    noisy, clean = (window_and_resample(a[box], props["spacing"], settings).astype(np.float32) for a in arrays)
+    return noisy, clean
 
 
 def random_crops(a: np.ndarray, b: np.ndarray, size: int, n: int, rng: np.random.Generator):

@@ -314,6 +314,18 @@ def _intensity_stats(body_hu: np.ndarray, rng: np.random.Generator) -> tuple[dic
     return stats, np.clip(np.rint(small), -32768, 32767).astype(np.int16)
 
 
+def window_and_resample(arr: np.ndarray, spacing, s: PreprocessSettings) -> np.ndarray:
+    """HU (z, y, x) at ``spacing`` -> the window mapped to [0, 1] at ``s.spacing`` (clips ``arr`` in place)."""
+    lo, hi = s.window
+    np.clip(arr, lo, hi, out=arr)  # before the spline: no ringing from the -1000/+3000 HU edges
+    new_shape = [max(1, int(v)) for v in compute_new_shape(arr.shape, spacing, s.spacing)]
+    res = resample_data_or_seg_to_shape(
+        arr[None], new_shape, spacing, s.spacing, is_seg=False, order=s.order, order_z=s.order_z,
+        force_separate_z=None,
+    )[0]  # fmt: skip
+    return (res - lo) / (hi - lo)
+
+
 def preprocess_case(src: CaseSource, cache_dir: str | Path, s: PreprocessSettings) -> dict:
     """Read, check, crop, resample, window, store one case; returns its metadata. Raises SkipCase."""
     arr, props = read_case(src, s)
@@ -323,14 +335,7 @@ def preprocess_case(src: CaseSource, cache_dir: str | Path, s: PreprocessSetting
     stats, hu_sample = _intensity_stats(arr[:: strides[0], :: strides[1], :: strides[2]][mask], rng)
     bbox = body_bbox(mask, strides, arr.shape, props["spacing"], s.crop_margin_mm)
     arr = arr[tuple(slice(lo, hi) for lo, hi in bbox)]
-    lo, hi = s.window
-    np.clip(arr, lo, hi, out=arr)  # before the spline: no ringing from the -1000/+3000 HU edges
-    new_shape = [max(1, int(v)) for v in compute_new_shape(arr.shape, props["spacing"], s.spacing)]
-    res = resample_data_or_seg_to_shape(
-        arr[None], new_shape, props["spacing"], s.spacing, is_seg=False, order=s.order, order_z=s.order_z,
-        force_separate_z=None,
-    )[0]  # fmt: skip
-    q = quantise((res - lo) / (hi - lo), s.dtype)
+    q = quantise(window_and_resample(arr, props["spacing"], s), s.dtype)
     vol_path, meta_path, hu_path = case_paths(cache_dir, src.case_id)
     write_volume(vol_path, q)
     np.save(hu_path, hu_sample)

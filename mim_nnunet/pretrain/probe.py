@@ -33,11 +33,17 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 from nnunetv2.preprocessing.resampling.default_resampling import (
-    compute_new_shape,
     resample_data_or_seg_to_shape,
 )
 
-from ..data.preprocess import PreprocessSettings, SkipCase, body_bbox, body_mask, read_case
+from ..data.preprocess import (
+    PreprocessSettings,
+    SkipCase,
+    body_bbox,
+    body_mask,
+    read_case,
+    window_and_resample,
+)
 from ..data.sources import CaseSource, _nnunet_dataset_folder
 
 log = logging.getLogger(__name__)
@@ -88,15 +94,12 @@ def preprocess_labeled(
         for lo, hi in body_bbox(mask, strides, arr.shape, props["spacing"], settings.crop_margin_mm)
     )
     arr, seg = arr[box], seg[box]
-    lo, hi = settings.window
-    np.clip(arr, lo, hi, out=arr)
-    shape = [max(1, int(v)) for v in compute_new_shape(arr.shape, props["spacing"], settings.spacing)]
-    kw = dict(
-        current_spacing=props["spacing"], new_spacing=settings.spacing, order_z=0, force_separate_z=None
-    )
-    img = resample_data_or_seg_to_shape(arr[None], shape, is_seg=False, order=settings.order, **kw)[0]
-    lab = resample_data_or_seg_to_shape(seg[None], shape, is_seg=True, order=1, **kw)[0]
-    return ((img - lo) / (hi - lo)).astype(np.float32), lab.astype(np.int64)
+    img = window_and_resample(arr, props["spacing"], settings)
+    lab = resample_data_or_seg_to_shape(
+        seg[None], img.shape, props["spacing"], settings.spacing, is_seg=True, order=1, order_z=settings.order_z,
+        force_separate_z=None,
+    )[0]  # fmt: skip
+    return img.astype(np.float32), lab.astype(np.int64)
 
 
 def crop_around_foreground(
