@@ -7,13 +7,12 @@ mim_nnunet_plan_and_preprocess -pt -> nnUNetv2_train nnUNetTrainerMiM_debug -> n
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import numpy as np
 import pytest
 from test_convert import authors_state, save_authors
-from test_nnunet_e2e import bin_cmd, read, run
+from test_nnunet_e2e import bin_cmd, nnunet_env, read, run
 
 DATASET_ID = 992
 TRAINER = "nnUNetTrainerMiM_debug"
@@ -26,13 +25,8 @@ def test_converted_checkpoint_plans_finetunes_and_predicts(tmp_path):
 
     from mim_nnunet.data.phantoms import write_nnunet_dataset
     from mim_nnunet.model.pos_embed import AXES_CONVERTED, sincos_pos_embed_3d
-    from mim_nnunet.nnunet.paths import ensure_ext_trainer
 
-    raw, pre, res = tmp_path / "raw", tmp_path / "pre", tmp_path / "res"
-    env = dict(os.environ, nnUNet_raw=str(raw), nnUNet_preprocessed=str(pre), nnUNet_results=str(res))
-    env.update(nnUNet_n_proc_DA="1", nnUNet_def_n_proc="1", OMP_NUM_THREADS="2")
-    env.pop("MIM_NNUNET_CHECKPOINT", None)
-    ensure_ext_trainer(env)
+    raw, pre, res, env = nnunet_env(tmp_path)
     # the small dataset of tests/test_nnunet_e2e.py: a patch of 2 x 2 x 3 tokens (in some axis order)
     folder = write_nnunet_dataset(raw, DATASET_ID, "MiMPhantom", n_train=5, n_test=1, seed=0,
                                   shape_mm=(56.0, 56.0, 80.0))

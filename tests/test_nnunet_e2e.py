@@ -30,6 +30,19 @@ def run(cmd: list[str], env: dict, timeout: int = 900) -> str:
     return out
 
 
+def nnunet_env(tmp_path: Path) -> tuple[Path, Path, Path, dict]:
+    """nnU-Net's three folders under ``tmp_path`` and an environment for its commands (one worker everywhere:
+    spawned nnU-Net workers each import torch, slow on a shared 2-core machine; the MiM trainers findable)."""
+    from mim_nnunet.nnunet.paths import ensure_ext_trainer
+
+    raw, pre, res = tmp_path / "raw", tmp_path / "pre", tmp_path / "res"
+    env = dict(os.environ, nnUNet_raw=str(raw), nnUNet_preprocessed=str(pre), nnUNet_results=str(res))
+    env.update(nnUNet_n_proc_DA="1", nnUNet_def_n_proc="1", OMP_NUM_THREADS="2")
+    env.pop("MIM_NNUNET_CHECKPOINT", None)
+    ensure_ext_trainer(env)
+    return raw, pre, res, env
+
+
 def bin_cmd(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
@@ -45,14 +58,8 @@ def test_plan_train_predict_export(tmp_path):
     from mim_nnunet import build_pretraining_model
     from mim_nnunet.checkpoint import CheckpointMetadata, save_checkpoint
     from mim_nnunet.data.phantoms import write_nnunet_dataset
-    from mim_nnunet.nnunet.paths import ensure_ext_trainer
 
-    raw, pre, res = tmp_path / "raw", tmp_path / "pre", tmp_path / "res"
-    env = dict(os.environ, nnUNet_raw=str(raw), nnUNet_preprocessed=str(pre), nnUNet_results=str(res))
-    # one worker everywhere: spawned nnU-Net workers each import torch, slow on a shared 2-core machine
-    env.update(nnUNet_n_proc_DA="1", nnUNet_def_n_proc="1", OMP_NUM_THREADS="2")
-    env.pop("MIM_NNUNET_CHECKPOINT", None)
-    ensure_ext_trainer(env)
+    raw, pre, res, env = nnunet_env(tmp_path)
 
     # 5 training cases (nnU-Net's 5-fold split needs 5), ~53 x 37 x 37 voxels (z, y, x) at 1.5 mm -> a 48 x 32 x 32
     # patch: its token grid (3, 2, 2) differs from pre-training's (2, 2, 2), so the position table is adapted.

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,17 @@ from mim_nnunet.cli.pretrain import build_parser, main
 
 TINY = ["--preset", "tiny", "--batch-size", "1", "--lr", "1e-3", "--warmup-steps", "1", "--no-progress"]
 
+
+
+def _wait_for_first_step(proc: subprocess.Popen, run: Path) -> Path:
+    """Wait until the run has logged a training step (the process must stay alive); returns its metrics.jsonl."""
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.time() < deadline, "no training step within 240 s"
+        time.sleep(0.5)
+    return metrics
 
 def test_help_documents_every_option(capsys):
     with pytest.raises(SystemExit) as e:
@@ -97,12 +109,7 @@ def test_sigint_saves_and_exits_cleanly(phantom_cache, tmp_path):
     cmd = [sys.executable, "-m", "mim_nnunet.cli.pretrain", "-i", corpus, "-o", str(run), "--cache", str(cache),
            "--max-steps", "1000", "--save-every", "1000", "--num-workers", "1", *TINY]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace")
-    metrics = run / "metrics.jsonl"
-    deadline = time.time() + 240
-    while not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
-        assert proc.poll() is None, proc.communicate()[0]
-        assert time.time() < deadline, "no training step within 240 s"
-        time.sleep(0.5)
+    metrics = _wait_for_first_step(proc, run)
     os.kill(proc.pid, signal.SIGINT)
     output, _ = proc.communicate(timeout=240)
     assert proc.returncode == 130, output
@@ -212,12 +219,7 @@ def test_sigterm_to_the_process_group_saves_and_exits(phantom_cache, tmp_path):
            "--max-steps", "1000", "--save-every", "1000", "--num-workers", "2", *TINY]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8",
                             errors="replace", start_new_session=True)  # fmt: skip
-    metrics = run / "metrics.jsonl"
-    deadline = time.time() + 240
-    while not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
-        assert proc.poll() is None, proc.communicate()[0]
-        assert time.time() < deadline, "no training step within 240 s"
-        time.sleep(0.5)
+    metrics = _wait_for_first_step(proc, run)
     os.killpg(proc.pid, signal.SIGTERM)
     output, _ = proc.communicate(timeout=240)
     assert proc.returncode == 128 + signal.SIGTERM, output

@@ -12,8 +12,8 @@ from test_nnunet_weights import make_checkpoint
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "probe_checkpoints.py"
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("probe_checkpoints", SCRIPT)
+def _script(name: str = "probe_checkpoints"):
+    spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -43,9 +43,7 @@ def test_refuses_a_missing_checkpoint_naming_it(tmp_path, capsys):
 def test_encoder_drift_is_zero_for_the_same_weights_and_grows_with_change(tmp_path):
     import torch
 
-    spec = importlib.util.spec_from_file_location("encoder_drift", SCRIPT.parent / "encoder_drift.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _script("encoder_drift")
     m, _ = make_checkpoint(tmp_path / "a.safetensors")
     state = m.state_dict()
     same = mod.drift(state, state, "encoder.")
@@ -60,9 +58,7 @@ def test_encoder_drift_is_zero_for_the_same_weights_and_grows_with_change(tmp_pa
 def test_noise_floor_is_zero_without_noise_and_near_one_for_pure_noise():
     import torch
 
-    spec = importlib.util.spec_from_file_location("phantom_information", SCRIPT.parent / "phantom_information.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _script("phantom_information")
     from mim_nnunet import build_pretraining_model
 
     model = build_pretraining_model("tiny")
