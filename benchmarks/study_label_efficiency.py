@@ -336,12 +336,19 @@ class Study:
         logfile = run / "log.txt"
         run.mkdir(parents=True, exist_ok=True)
         train_s = predict_s = None
+        note = None
         if not (model / "checkpoint_final.pth").is_file():
             cmd = [_exe("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", str(fold), "-tr", a.trainer, "-p", plans,
                    "-device", "cpu"]  # fmt: skip
-            if (model / "checkpoint_latest.pth").is_file():
+            resumed = (model / "checkpoint_latest.pth").is_file()
+            if resumed:
                 cmd.append("--c")
             train_s = _run(cmd, env, logfile)
+            if resumed:  # only the part after the interruption was timed: not a run's training time
+                note = f"resumed from checkpoint_latest.pth; {train_s:.0f} s timed after the resume only"
+                train_s = None
+        else:
+            note = "checkpoint_final.pth existed (interrupted before prediction): training not timed"
         pred = run / "predictions"
         predict_s = _run(
             [_exe("nnUNetv2_predict"), "-i", str(self.raw / DATASET / "imagesTs"), "-o", str(pred), "-d",
@@ -354,6 +361,7 @@ class Study:
         result = {
             "arm": arm, "k": k, "seed": seed, "trainer": a.trainer, "plans": plans,
             "iterations": epochs * s.iters, "train_seconds": train_s, "predict_seconds": predict_s,
+            **({"train_seconds_note": note} if note else {}),
             "n_test": ev["n_cases"], "tolerance_mm": s.tolerance, "foreground_mean": ev["foreground_mean"],
             "per_organ": {names[int(lbl)]: v for lbl, v in ev["mean"].items()},
             "patch_size": json.loads((self.pre / DATASET / f"{plans}.json").read_text())["configurations"][

@@ -13,6 +13,7 @@ from mim_nnunet.nnunet.planner import (
     decide_normalization,
     decide_patch_and_batch,
     decide_spacing,
+    window_hint,
     window_intensity_properties,
 )
 
@@ -84,6 +85,18 @@ def test_ct_window_maps_hu_to_unit_interval_through_ctnormalization():
     norm = CTNormalization(use_mask_for_norm=False, intensityproperties=props)
     hu = np.array([[-3000.0, -1000.0, 0.0, 500.0, 1000.0, 3000.0]])
     assert np.allclose(norm.run(hu.copy()), [[0.0, 0.0, 0.5, 0.75, 1.0, 1.0]])
+
+
+def test_window_hint_only_when_the_foreground_fills_little_of_the_window():
+    phantoms = {"0": {"percentile_00_5": -243.0, "percentile_99_5": 189.0}}  # the study's fingerprint
+    hint = window_hint([-1000, 1000], phantoms, ["0"])
+    assert "HU [-243, 189]" in hint and "22%" in hint and "--window" in hint
+    # A window the foreground fills (here 432 of 500 HU) gets no hint; neither does a channel without properties.
+    assert window_hint([-250, 250], phantoms, ["0"]) == ""
+    assert window_hint([-1000, 1000], phantoms, ["1"]) == ""
+    # Only the part of the percentile range inside the window counts.
+    wide = {"0": {"percentile_00_5": -3000.0, "percentile_99_5": -900.0}}
+    assert "5%" in window_hint([-1000, 1000], wide, ["0"])
 
 
 def test_non_ct_channel_refused_unless_fallback():

@@ -88,3 +88,6 @@ def test_fine_tuning_window_replaces_the_checkpoints_in_the_plans(checkpoint, tm
     assert default["mim"]["intensity_window"] == [-1000.0, 1000.0]
     assert default["foreground_intensity_properties_per_channel"]["0"]["percentile_00_5"] == -1000.0
     assert "the checkpoint's pre-training window" in default["mim"]["decisions"]["normalization"]
+    # The phantoms' foreground fills about a fifth of -1000..1000: the default plans say so, the task plans don't.
+    assert "--window LO HI" in default["mim"]["decisions"]["window_hint"]
+    assert "window_hint" not in task["mim"]["decisions"]

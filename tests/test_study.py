@@ -167,3 +167,37 @@ def test_splits_keep_existing_folds_when_other_ks_are_planned(tmp_path):
         sub.split(9)
     with pytest.raises(RuntimeError, match="no fold for k=3"):
         sub.fold(3)
+
+
+def test_resumed_run_does_not_report_a_partial_training_time(tmp_path, monkeypatch):
+    """A run continued from checkpoint_latest.pth (``--c``) was timed only after the resume: no train time."""
+    import mim_nnunet.submission.evaluate as evaluate
+
+    study = _study_module()
+    raw = tmp_path / "nnUNet_raw" / study.DATASET
+    raw.mkdir(parents=True)
+    (raw / "dataset.json").write_text(json.dumps({"numTraining": 10, "labels": {"background": 0, "liver": 1}}))
+    pre = tmp_path / "nnUNet_preprocessed" / study.DATASET
+    pre.mkdir(parents=True)
+    (pre / f"{study.STOCK_PLANS}.json").write_text(json.dumps({"configurations": {"3d_fullres": {"patch_size": [8, 8, 8]}}}))
+    st = study.Study(tmp_path, study.Settings(ks=(2,), seeds=(0,), arms=("nnUNet",)))
+    st.write_splits()
+    commands = []
+    monkeypatch.setattr(study, "_run", lambda cmd, env, logfile: commands.append(cmd) or 42.0)
+    monkeypatch.setattr(evaluate, "evaluate_folders", lambda *a: {
+        "n_cases": 1, "foreground_mean": {"Dice": 0.5, "NSD": 0.4}, "mean": {"1": {"Dice": 0.5, "NSD": 0.4}}})  # fmt: skip
+    arm = study.ARMS["nnUNet"]
+    model = (tmp_path / "runs" / "nnUNet_k2_s0" / "nnUNet_results" / study.DATASET
+             / f"{arm.trainer}__{study.STOCK_PLANS}__3d_fullres" / f"fold_{st.fold(2)}")  # fmt: skip
+    model.mkdir(parents=True)
+    (model / "checkpoint_latest.pth").write_bytes(b"")
+    st.finetune("nnUNet", 2, 0)
+    result = json.loads(st.result_path("nnUNet", 2, 0).read_text())
+    assert commands[0][-1] == "--c" and len(commands) == 2  # resumed training, then prediction
+    assert result["train_seconds"] is None and "42 s timed after the resume only" in result["train_seconds_note"]
+    assert result["predict_seconds"] == 42.0 and result["per_organ"] == {"liver": {"Dice": 0.5, "NSD": 0.4}}
+    # Without a checkpoint the whole training is timed and no note is written.
+    (model / "checkpoint_latest.pth").unlink()
+    st.finetune("nnUNet", 2, 1)
+    fresh = json.loads(st.result_path("nnUNet", 2, 1).read_text())
+    assert fresh["train_seconds"] == 42.0 and "train_seconds_note" not in fresh and "--c" not in commands[2]

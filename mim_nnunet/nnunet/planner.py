@@ -106,6 +106,41 @@ def window_intensity_properties(window: Sequence[float]) -> dict:
     }
 
 
+# A checkpoint window this much wider than the dataset's foreground intensities gets a hint (docs/study.md,
+# diagnostics point 5: on the phantoms, -1000..1000 against a task window cost 0.10-0.23 Dice).
+WINDOW_HINT_FRACTION = 0.5
+
+
+def window_hint(window: Sequence[float], foreground_properties: dict, ct_channels: Sequence[str]) -> str:
+    """A sentence when the dataset's foreground HU (0.5-99.5 percentiles) fill little of ``window``, else ''.
+
+    ``foreground_properties`` is the fingerprint's ``foreground_intensity_properties_per_channel``. The planner
+    only asks this for the checkpoint's own window (no ``--window`` given): a user who chose a window is not
+    second-guessed.
+    """
+    lo, hi = float(window[0]), float(window[1])
+    parts = []
+    for key in ct_channels:
+        props = foreground_properties.get(str(key))
+        if not props:
+            continue
+        p_lo, p_hi = float(props["percentile_00_5"]), float(props["percentile_99_5"])
+        fraction = (min(p_hi, hi) - max(p_lo, lo)) / (hi - lo)
+        if fraction < WINDOW_HINT_FRACTION:
+            parts.append(
+                f"channel {key}: the foreground's 0.5-99.5 percentiles, HU [{p_lo:.0f}, {p_hi:.0f}], fill "
+                f"{max(fraction, 0.0):.0%} of the window [{lo:g}, {hi:g}]"
+            )
+    if not parts:
+        return ""
+    return (
+        "; ".join(parts)
+        + ". Tissues inside that range differ by only a few hundredths after the [0, 1] mapping; a task window "
+        "(--window LO HI, e.g. -175 250 for abdominal organs or the percentiles above) gained 0.10-0.23 Dice on "
+        "the phantoms (docs/study.md, diagnostics)"
+    )
+
+
 def decide_normalization(channel_names: dict, allow_non_ct: bool) -> tuple[list[str], list[str]]:
     """Normalisation scheme per channel and the channels that fell back (non-CT, only with ``allow_non_ct``)."""
     schemes, fallback = [], []
@@ -230,9 +265,10 @@ class MiMPlanner(ExperimentPlanner):
         pre = [float(w) for w in self.metadata.intensity_window]
         self.window = pre if window is None else [float(w) for w in window]
         window_intensity_properties(self.window)  # an empty window is refused before any work
+        self.window_is_checkpoints = window is None or self.window == pre
         self.window_note = (
             "the checkpoint's pre-training window"
-            if self.window == pre
+            if self.window_is_checkpoints
             else f"fine-tuning window (--window; pre-training window {pre})"
         )
         self.notes: dict[str, str] = {}
@@ -256,6 +292,17 @@ class MiMPlanner(ExperimentPlanner):
     ) -> tuple[list[str], list[bool]]:
         schemes, fallback = decide_normalization(self.dataset_json["channel_names"], self.allow_non_ct)
         lo, hi = self.window
+        if self.window_is_checkpoints:
+            ct = [
+                k
+                for k, scheme in zip(self.dataset_json["channel_names"], schemes)
+                if scheme == "CTNormalization"
+            ]
+            hint = window_hint(
+                self.window, self.dataset_fingerprint["foreground_intensity_properties_per_channel"], ct
+            )
+            if hint:
+                self.notes["window_hint"] = hint
         self.notes["normalization"] = (
             f"CT channels: HU [{lo}, {hi}] -> [0, 1] through CTNormalization, {self.window_note}"
         ) + (
@@ -356,7 +403,7 @@ class MiMPlanner(ExperimentPlanner):
             Path(nnUNet_preprocessed) / self.dataset_name / "dataset.json",
         )
         for k, v in self.notes.items():
-            log.info("MiM plan %s: %s", k, v)
+            (log.warning if k == "window_hint" else log.info)("MiM plan %s: %s", k, v)
         self.plans = plans
         self.save_plans(plans)
         return plans
