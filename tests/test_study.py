@@ -170,7 +170,8 @@ def test_splits_keep_existing_folds_when_other_ks_are_planned(tmp_path):
 
 
 def test_resumed_run_does_not_report_a_partial_training_time(tmp_path, monkeypatch):
-    """A run continued from checkpoint_latest.pth (``--c``) was timed only after the resume: no train time."""
+    """A run continued from checkpoint_latest.pth (``--c``) was timed only after the resume: no train time.
+    And the stock arm's epochs: ``--stock-epochs``, or the other arms' for ``nnUNet-eqiter``."""
     import mim_nnunet.submission.evaluate as evaluate
 
     study = _study_module()
@@ -183,7 +184,8 @@ def test_resumed_run_does_not_report_a_partial_training_time(tmp_path, monkeypat
     st = study.Study(tmp_path, study.Settings(ks=(2,), seeds=(0,), arms=("nnUNet",)))
     st.write_splits()
     commands = []
-    monkeypatch.setattr(study, "_run", lambda cmd, env, logfile: commands.append(cmd) or 42.0)
+    envs = []
+    monkeypatch.setattr(study, "_run", lambda cmd, env, logfile: commands.append(cmd) or envs.append(env) or 42.0)
     monkeypatch.setattr(evaluate, "evaluate_folders", lambda *a: {
         "n_cases": 1, "foreground_mean": {"Dice": 0.5, "NSD": 0.4}, "mean": {"1": {"Dice": 0.5, "NSD": 0.4}}})  # fmt: skip
     arm = study.ARMS["nnUNet"]
@@ -201,3 +203,8 @@ def test_resumed_run_does_not_report_a_partial_training_time(tmp_path, monkeypat
     st.finetune("nnUNet", 2, 1)
     fresh = json.loads(st.result_path("nnUNet", 2, 1).read_text())
     assert fresh["train_seconds"] == 42.0 and "train_seconds_note" not in fresh and "--c" not in commands[2]
+    # The stock arm gets --stock-epochs (default 2: equal wall-clock), its diagnostic twin the others' epochs.
+    assert envs[0]["MIM_NNUNET_STUDY_EPOCHS"] == "2" and result["iterations"] == 2 * study.Settings().iters
+    st.finetune("nnUNet-eqiter", 2, 0)
+    assert envs[-1]["MIM_NNUNET_STUDY_EPOCHS"] == str(study.Settings().epochs)
+    assert json.loads(st.result_path("nnUNet-eqiter", 2, 0).read_text())["iterations"] == 200
