@@ -505,7 +505,7 @@ def build_report(out: Path, s: Settings, report_dir: Path) -> dict:
             )  # so that error bars at the same k do not hide each other
             x = np.asarray([c["k"] for c in cs], float) * dodge
             ax.errorbar(x, [c["dice_mean"] for c in cs], yerr=[c["dice_sd"] for c in cs], marker="o",
-                        capsize=3, label=f"{arm} (n={min(c['n_seeds'] for c in cs)})")  # fmt: skip
+                        capsize=3, label=f"{arm}{_iterations_note(cs, s)} (n={min(c['n_seeds'] for c in cs)})")  # fmt: skip
     ax.set_xscale("log", base=2)
     ax.set_xticks(list(s.ks), [str(k) for k in s.ks])
     ax.set_xlabel("labeled training cases k")
@@ -518,6 +518,12 @@ def build_report(out: Path, s: Settings, report_dir: Path) -> dict:
     fig.savefig(report_dir / "study_dice_vs_k.png", dpi=120)
     plt.close(fig)
     return report
+
+
+def _iterations_note(cells: list[dict], s: Settings) -> str:
+    """', 50 iterations' for an arm trained for other than the study's iterations (the stock arm), else ''."""
+    its = sorted({c["iterations"] for c in cells})
+    return "" if its == [s.epochs * s.iters] else ", " + "/".join(map(str, its)) + " iterations"
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:

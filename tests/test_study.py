@@ -101,6 +101,9 @@ def test_report_from_partial_results(tmp_path):
     assert "**Incomplete**: 4 of 8 runs missing" in md
     assert json.loads((docs / "study.json").read_text())["missing_runs"] == report["missing_runs"]
     assert (docs / "study_dice_vs_k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The plot's legend names an arm's iterations when they are not the study's (the stock arm's equal wall-clock).
+    assert study._iterations_note([{"iterations": 50}] * 2, s) == ", 50 iterations"
+    assert study._iterations_note([{"iterations": s.epochs * s.iters}], s) == ""
 
 
 def test_arms_are_one_entry_each():
