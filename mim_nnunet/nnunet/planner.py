@@ -265,10 +265,10 @@ class MiMPlanner(ExperimentPlanner):
         pre = [float(w) for w in self.metadata.intensity_window]
         self.window = pre if window is None else [float(w) for w in window]
         window_intensity_properties(self.window)  # an empty window is refused before any work
-        self.window_is_checkpoints = window is None or self.window == pre
+        self.window_given = window is not None
         self.window_note = (
             "the checkpoint's pre-training window"
-            if self.window_is_checkpoints
+            if self.window == pre
             else f"fine-tuning window (--window; pre-training window {pre})"
         )
         self.notes: dict[str, str] = {}
@@ -292,7 +292,7 @@ class MiMPlanner(ExperimentPlanner):
     ) -> tuple[list[str], list[bool]]:
         schemes, fallback = decide_normalization(self.dataset_json["channel_names"], self.allow_non_ct)
         lo, hi = self.window
-        if self.window_is_checkpoints:
+        if not self.window_given:
             ct = [
                 k
                 for k, scheme in zip(self.dataset_json["channel_names"], schemes)
