@@ -101,6 +101,17 @@ def test_report_from_partial_results(tmp_path):
     assert "**Incomplete**: 4 of 8 runs missing" in md
     assert json.loads((docs / "study.json").read_text())["missing_runs"] == report["missing_runs"]
     assert (docs / "study_dice_vs_k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| MiM | 2 | 2 | 0.600 +- 0.141 |" in md and "(baseline)" in md and "Welch's 95 % confidence" in md
+    # Against the baseline: difference of means and Welch's interval (df = 2 here: t = 4.303, se = 0.1414).
+    diff = study._against_baseline(
+        {"arm": "MiM", "n_seeds": 2, "dice_per_seed": [0.5, 0.7]},
+        {"arm": "scratch", "n_seeds": 2, "dice_per_seed": [0.3, 0.5]},
+    )
+    assert diff["dice_vs_baseline"] == pytest.approx(0.2)
+    assert diff["dice_vs_baseline_ci95"] == pytest.approx([0.2 - 0.6085, 0.2 + 0.6085], abs=1e-3)
+    one_seed = next(c for c in report["cells"] if c["arm"] == "scratch" and c["k"] == 2)
+    assert one_seed["n_seeds"] == 1 and study._against_baseline(cell, one_seed) == {}
+    assert "dice_vs_baseline" not in cell  # the report's own cell: the baseline has one seed at k = 2
     # The plot's legend names an arm's iterations when they are not the study's (the stock arm's equal wall-clock).
     assert study._iterations_note([{"iterations": 50}] * 2, s) == ", 50 iterations"
     assert study._iterations_note([{"iterations": s.epochs * s.iters}], s) == ""
