@@ -21,7 +21,7 @@ On the embedded synthetic phantoms, with fixed seeds:
 Every finished stage leaves a file and is skipped when the command is run again (an interrupted study resumes:
 pre-training with ``--resume``, nnU-Net with ``--c``). ``--quick`` runs the same code path at toy sizes (CI).
 
-    python benchmarks/study_label_efficiency.py                 # the full study (docs/study.md: ~2.8 h projected, 2-core CPU)
+    python benchmarks/study_label_efficiency.py                 # the full study (docs/study.md: ~2.6 h on the 2-core CPU)
     python benchmarks/study_label_efficiency.py --quick --out /tmp/study_quick
 """
 
