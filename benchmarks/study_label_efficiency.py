@@ -129,9 +129,10 @@ class Settings:
     pretrain_lr: float = 1e-3
     epochs: int = 8  # x iters = 200 iterations for every arm (budget in docs/study.md)
     iters: int = 25
-    # Stock nnU-Net's epochs. Its iteration costs ~7x a MiM-network iteration on the 2-core CPU (5.4 s against
-    # 0.75 s), so 200 iterations (~19 min per run, 4.2 h for the study) do not fit: 2 epochs (50 iterations,
-    # ~270 s) are the MiM runs' training wall-clock (145-220 s) rounded up to whole epochs, in stock's favour.
+    # Stock nnU-Net's epochs. Its iteration costs ~7x a MiM-network iteration on the 2-core CPU (about 5.7 s
+    # against 0.8 s, epochs of 25 with a validation batch), so 200 iterations (~21 min per run, about 4 h for the
+    # study) do not fit: 2 epochs (50 iterations, ~260 s) are the MiM runs' training wall-clock (140-220 s)
+    # rounded up to whole epochs, in stock's favour.
     # None or 0: the other arms' iterations. docs/study.md, "Budget".
     stock_epochs: int | None = 2
     mim_memory_target: float = 0.75
