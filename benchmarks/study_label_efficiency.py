@@ -85,7 +85,7 @@ ARMS: dict[str, Arm] = {
     "nnUNet": Arm("nnUNetTrainerStock_study", None, plans="stock", label="stock nnU-Net"),
     "nnUNet-eqiter": Arm(
         "nnUNetTrainerStock_study", None, plans="stock", equal_iterations=True,
-        label="stock nnU-Net at the other arms' iterations (diagnostic; ~19 min per run on the 2-core CPU)",
+        label="stock nnU-Net at the other arms' iterations (diagnostic; ~21 min per run on the 2-core CPU)",
     ),
     # diagnostic arms (issue 10, point 5; not in the default study)
     "MiM-lowenc": Arm(
