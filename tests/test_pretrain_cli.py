@@ -19,7 +19,6 @@ from mim_nnunet.cli.pretrain import build_parser, main
 TINY = ["--preset", "tiny", "--batch-size", "1", "--lr", "1e-3", "--warmup-steps", "1", "--no-progress"]
 
 
-
 def _wait_for_first_step(proc: subprocess.Popen, run: Path) -> Path:
     """Wait until the run has logged a training step (the process must stay alive); returns its metrics.jsonl."""
     metrics = run / "metrics.jsonl"
@@ -29,6 +28,7 @@ def _wait_for_first_step(proc: subprocess.Popen, run: Path) -> Path:
         assert time.time() < deadline, "no training step within 240 s"
         time.sleep(0.5)
     return metrics
+
 
 def test_help_documents_every_option(capsys):
     with pytest.raises(SystemExit) as e:
