@@ -5,7 +5,10 @@ code changes, so these thin variants read their length and seed from the environ
 take extra constructor arguments, nnunet_facts.md):
 
 - ``MIM_NNUNET_STUDY_EPOCHS`` x ``MIM_NNUNET_STUDY_ITERS`` training iterations (defaults 20 x 20, the demo's 400);
-- ``MIM_NNUNET_STUDY_SEED``: seeds Python, NumPy and torch before the network is built (default 0);
+- ``MIM_NNUNET_STUDY_SEED``: the run seed (default 0): initialisation, patch sampling and every augmentation
+  worker derive from it (``seeding.py``), so two arms at one seed see the same batches in the same order;
+- ``MIM_NNUNET_STUDY_SNAPSHOT_EVERY``: also keep the weights every this many epochs (``snapshot_name``;
+  default 0, none), so that the study scores the test set along a run (where has it converged?);
 - one validation iteration per epoch, no test-time mirroring, and no final validation of the validation
   cases: the study scores a separate test set, and these costs would otherwise differ between the arms' networks.
 
@@ -17,16 +20,15 @@ stock ``nnUNetTrainer`` (SGD 1e-2, poly) unchanged. Names avoid nnU-Net's built-
 from __future__ import annotations
 
 import os
-import random
 
-import numpy as np
-import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from .optim import scale_encoder_groups
+from .seeding import SeededBatchesMixin, seed_everything
 from .trainer import DEFAULT_DEVICE, nnUNetTrainerMiM
 
 EPOCHS_ENV, ITERS_ENV, SEED_ENV = "MIM_NNUNET_STUDY_EPOCHS", "MIM_NNUNET_STUDY_ITERS", "MIM_NNUNET_STUDY_SEED"
+SNAPSHOT_ENV = "MIM_NNUNET_STUDY_SNAPSHOT_EVERY"
 #: the MiM arms' peak learning rate: nnUNetTrainerMiM_demo's, measured for runs of a few hundred iterations
 STUDY_LR = 1e-2
 
@@ -42,21 +44,28 @@ def _env_int(name: str, default: int) -> int:
     return n
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+def snapshot_name(iterations: int) -> str:
+    """The file of a run's weights after ``iterations`` training iterations (next to checkpoint_final.pth)."""
+    return f"checkpoint_it{iterations}.pth"
 
 
-class _StudyMixin:
+class _StudyMixin(SeededBatchesMixin):
     """Length and seed from the environment, cheap validation; applied after the parent's __init__."""
 
     def _study_setup(self) -> None:
-        self.study_seed = _env_int(SEED_ENV, 0)
+        self.study_seed = self.run_seed = _env_int(SEED_ENV, 0)
         seed_everything(self.study_seed)
         self.num_epochs = max(1, _env_int(EPOCHS_ENV, 20))
         self.num_iterations_per_epoch = max(1, _env_int(ITERS_ENV, 20))
         self.num_val_iterations_per_epoch = 1
+        self.snapshot_every = _env_int(SNAPSHOT_ENV, 0)
+
+    def on_epoch_end(self):
+        epoch = self.current_epoch  # nnU-Net's on_epoch_end counts it up
+        super().on_epoch_end()
+        done = epoch + 1
+        if self.snapshot_every and done % self.snapshot_every == 0 and done < self.num_epochs:
+            self.save_checkpoint(os.path.join(self.output_folder, snapshot_name(done * self.num_iterations_per_epoch)))
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
         out = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()

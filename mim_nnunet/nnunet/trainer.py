@@ -13,9 +13,7 @@ its path (the file must still have the planned sha256).
 from __future__ import annotations
 
 import os
-import random
 
-import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
@@ -25,11 +23,12 @@ from torch._dynamo import OptimizedModule
 
 from ..checkpoint import CheckpointError
 from .optim import WarmupCosineLR, param_groups_layer_decay
+from .seeding import SeededBatchesMixin, seed_everything
 from .weights import load_pretrained_encoder
 
 CHECKPOINT_ENV = "MIM_NNUNET_CHECKPOINT"
-# Seeds python, numpy and torch before the network is built (decoder init, sampling, augmentation): comparisons
-# of two settings on the same seeds. Fully repeatable only with nnUNet_n_proc_DA=0 (no augmentation workers).
+# A run seed: initialisation, patch sampling and every augmentation worker derive from it, so two runs at one
+# seed see the same batches in the same order (seeding.py). Unset: nnU-Net's behaviour, unseeded.
 SEED_ENV = "MIM_NNUNET_SEED"
 NETWORK_CLASS = "mim_nnunet.model.segmentation.MiMSegmentationNetwork"
 DEFAULT_DEVICE = torch.device("cuda")  # nnU-Net's trainer signature default
@@ -45,7 +44,18 @@ def planned_checkpoint(plans: dict) -> tuple[str, str]:
     return os.environ.get(CHECKPOINT_ENV) or record["path"], record["sha256"]
 
 
-class nnUNetTrainerMiM(nnUNetTrainer):
+def env_seed(name: str = SEED_ENV) -> int | None:
+    """The run seed from the environment variable ``name``; None when it is unset or empty."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r}: expected an integer seed") from None
+
+
+class nnUNetTrainerMiM(SeededBatchesMixin, nnUNetTrainer):
     """Fine-tunes the MiM encoder + U-shaped decoder planned by ``mim_nnunet_plan_and_preprocess``."""
 
     load_pretrained = True
@@ -61,12 +71,10 @@ class nnUNetTrainerMiM(nnUNetTrainer):
         device: torch.device = DEFAULT_DEVICE,
     ):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        if os.environ.get(SEED_ENV):
-            seed = int(os.environ[SEED_ENV])
-            random.seed(seed)
-            np.random.seed(seed)
-            torch.manual_seed(seed)
-            self.print_to_log_file(f"MiM: seeded with {SEED_ENV}={seed}")
+        self.run_seed = env_seed()
+        if self.run_seed is not None:
+            seed_everything(self.run_seed)
+            self.print_to_log_file(f"MiM: seeded with {SEED_ENV}={self.run_seed} (initialisation and every batch)")
         self.initial_lr = 1e-4
         self.weight_decay = 1e-5
         self._iteration_in_epoch = 0
