@@ -40,6 +40,9 @@ from pathlib import Path
 
 import numpy as np
 
+from mim_nnunet.nnunet.seeding import SEEDING
+from mim_nnunet.nnunet.study_trainers import snapshot_name
+
 REPO = Path(__file__).resolve().parents[1]
 DATASET_ID = 961
 NAME = "MiMStudy"
@@ -138,6 +141,9 @@ class Settings:
     mim_memory_target: float = 0.75
     stock_memory_target: float = 0.5  # nnU-Net planner: 56x48x56 here, about the MiM patch volume (docs)
     tolerance: float = 2.0
+    # Also score the weights every this many iterations of each run (0: only the final weights): the test Dice
+    # against iterations, to see where a run has converged. A multiple of ``iters``.
+    snapshot_every: int = 0
     shape_mm: tuple[float, float, float] | None = None  # None: the phantoms' default (drawn per case)
     data_seed: int = 0
 
@@ -146,6 +152,17 @@ QUICK = dict(
     corpus=4, ks=(1, 2), val=1, test=1, seeds=(0,), arms=("MiM", "scratch"), pretrain_steps=3, epochs=1,
     iters=3, shape_mm=(80.0, 80.0, 80.0), stock_epochs=None,
 )  # fmt: skip
+
+
+def arm_epochs(s: Settings, arm: str) -> int:
+    """The arm's fine-tuning epochs: the study's, except the stock arm's equal wall-clock (``--stock-epochs``)."""
+    a = ARMS[arm]
+    return s.stock_epochs if a.plans == "stock" and s.stock_epochs and not a.equal_iterations else s.epochs
+
+
+def run_id(s: Settings, arm: str, k: int, seed: int) -> str:
+    """A run's name: arm, k, seed and its iterations (runs of several lengths share one work folder)."""
+    return f"{arm}_k{k}_s{seed}_it{arm_epochs(s, arm) * s.iters}"
 
 
 def _run(cmd: list[str], env: dict, logfile: Path) -> float:
@@ -324,7 +341,7 @@ class Study:
 
     # 4. fine-tuning, prediction, scoring -----------------------------------------------------------------------
     def run_id(self, arm: str, k: int, seed: int) -> str:
-        return f"{arm}_k{k}_s{seed}"
+        return run_id(self.s, arm, k, seed)
 
     def result_path(self, arm: str, k: int, seed: int) -> Path:
         return self.out / "runs" / f"{self.run_id(arm, k, seed)}.json"
@@ -338,9 +355,10 @@ class Study:
         run = self.out / "runs" / self.run_id(arm, k, seed)
         results = run / "nnUNet_results"
         fold = self.fold(k)
-        epochs = s.stock_epochs if a.plans == "stock" and s.stock_epochs and not a.equal_iterations else s.epochs
+        epochs = arm_epochs(s, arm)
         env = dict(self.env, nnUNet_results=str(results), MIM_NNUNET_STUDY_EPOCHS=str(epochs),
-                   MIM_NNUNET_STUDY_ITERS=str(s.iters), MIM_NNUNET_STUDY_SEED=str(seed))  # fmt: skip
+                   MIM_NNUNET_STUDY_ITERS=str(s.iters), MIM_NNUNET_STUDY_SEED=str(seed),
+                   MIM_NNUNET_STUDY_SNAPSHOT_EVERY=str(s.snapshot_every // s.iters))  # fmt: skip
         plans = self.plans_name(arm)
         model = results / DATASET / f"{a.trainer}__{plans}__3d_fullres" / f"fold_{fold}"
         logfile = run / "log.txt"
@@ -359,23 +377,32 @@ class Study:
                 train_s = None
         else:
             note = "checkpoint_final.pth existed (interrupted before prediction): training not timed"
-        pred = run / "predictions"
-        predict_s = _run(
-            [_exe("nnUNetv2_predict"), "-i", str(self.raw / DATASET / "imagesTs"), "-o", str(pred), "-d",
-             str(DATASET_ID), "-c", "3d_fullres", "-f", str(fold), "-tr", a.trainer, "-p", plans, "-device", "cpu",
-             "--disable_tta", "-chk", "checkpoint_final.pth", "-npp", "1", "-nps", "1"], env, logfile)  # fmt: skip
-        ev = evaluate_folders(pred, self.raw / DATASET / "labelsTs", s.tolerance)
         names = {
             v: n for n, v in json.loads((self.raw / DATASET / "dataset.json").read_text())["labels"].items()
         }
+
+        def predict(checkpoint: str, folder: Path) -> tuple[float, dict]:
+            seconds = _run(
+                [_exe("nnUNetv2_predict"), "-i", str(self.raw / DATASET / "imagesTs"), "-o", str(folder), "-d",
+                 str(DATASET_ID), "-c", "3d_fullres", "-f", str(fold), "-tr", a.trainer, "-p", plans, "-device",
+                 "cpu", "--disable_tta", "-chk", checkpoint, "-npp", "1", "-nps", "1"], env, logfile)  # fmt: skip
+            return seconds, evaluate_folders(folder, self.raw / DATASET / "labelsTs", s.tolerance)
+
+        snapshots = []
+        for it in range(s.snapshot_every, epochs * s.iters, s.snapshot_every) if s.snapshot_every else ():
+            _, sev = predict(snapshot_name(it), run / f"predictions_it{it}")
+            snapshots.append({"iterations": it, "foreground_mean": sev["foreground_mean"],
+                              "per_organ": {names[int(lbl)]: v for lbl, v in sev["mean"].items()}})  # fmt: skip
+        predict_s, ev = predict("checkpoint_final.pth", run / "predictions")
         result = {
-            "arm": arm, "k": k, "seed": seed, "trainer": a.trainer, "plans": plans,
+            "arm": arm, "k": k, "seed": seed, "trainer": a.trainer, "plans": plans, "seeding": SEEDING,
             "iterations": epochs * s.iters, "train_seconds": train_s, "predict_seconds": predict_s,
             **({"train_seconds_note": note} if note else {}),
             "n_test": ev["n_cases"], "tolerance_mm": s.tolerance, "foreground_mean": ev["foreground_mean"],
             "per_organ": {names[int(lbl)]: v for lbl, v in ev["mean"].items()},
             "patch_size": json.loads((self.pre / DATASET / f"{plans}.json").read_text())["configurations"][
                 "3d_fullres"]["patch_size"],
+            **({"snapshots": snapshots} if snapshots else {}),
         }  # fmt: skip
         self.result_path(arm, k, seed).write_text(json.dumps(result, indent=2))
         log.info("%s: Dice %.3f NSD %.3f", self.run_id(arm, k, seed), *ev["foreground_mean"].values())
@@ -398,12 +425,19 @@ def build_report(out: Path, s: Settings, report_dir: Path) -> dict:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs, missing = [], []
+    runs, missing, excluded = [], [], []
     for k in s.ks:
         for seed in s.seeds:
             for arm in s.arms:
-                p = out / "runs" / f"{arm}_k{k}_s{seed}.json"
-                (runs.append(json.loads(p.read_text())) if p.is_file() else missing.append(p.stem))
+                p = out / "runs" / f"{run_id(s, arm, k, seed)}.json"
+                r = json.loads(p.read_text()) if p.is_file() else None
+                if r is None:
+                    missing.append(p.stem)
+                elif r.get("seeding") != SEEDING:  # never pooled: its batches were not fixed by its seed
+                    excluded.append(p.stem)
+                    missing.append(p.stem)
+                else:
+                    runs.append(r)
     cells = []
     for arm in s.arms:
         for k in s.ks:
@@ -423,7 +457,9 @@ def build_report(out: Path, s: Settings, report_dir: Path) -> dict:
                 "dice_per_seed": [r["foreground_mean"]["Dice"] for r in sorted(rs, key=lambda r: r["seed"])],
             })  # fmt: skip
     for c in cells:  # against the same network from random init, at the same k
-        c.update(_against_baseline(c, next((b for b in cells if b["arm"] == BASELINE and b["k"] == c["k"]), None)))
+        base = next((b for b in cells if b["arm"] == BASELINE and b["k"] == c["k"]), None)
+        c.update(_against_baseline(c, base))
+        c.update(_paired_against_baseline(c, base))
     timings_file = out / "timings.json"
     report = {
         "settings": asdict(s),
@@ -439,6 +475,8 @@ def build_report(out: Path, s: Settings, report_dir: Path) -> dict:
         "cells": cells,
         "runs": runs,
         "missing_runs": missing,
+        "excluded_runs": excluded,
+        "seeding": SEEDING,
         "complete": not missing,
         "timings_seconds": json.loads(timings_file.read_text()) if timings_file.is_file() else {},
     }
@@ -464,34 +502,47 @@ def build_report(out: Path, s: Settings, report_dir: Path) -> dict:
         "",
         "| arm | k | seeds | Dice | NSD | "
         + " | ".join(f"{o} Dice" for o in organs)
-        + f" | Dice - {BASELINE} [95 % CI] | iterations | patch | train s |",
-        "|---|---|---|---|---|" + "---|" * len(organs) + "---|---|---|---|",
+        + f" | paired Dice - {BASELINE} [95 % CI], sd, seeds above | Welch: Dice - {BASELINE} [95 % CI] "
+        "| iterations | patch | train s |",
+        "|---|---|---|---|---|" + "---|" * len(organs) + "---|---|---|---|---|",
     ]
     for c in cells:
         if not c["n_seeds"]:
-            lines.append(f"| {c['arm']} | {c['k']} | 0 | (missing) | | " + "| " * len(organs) + "| | | |")
+            lines.append(f"| {c['arm']} | {c['k']} | 0 | (missing) | | " + "| " * len(organs) + "| | | | |")
             continue
         lines.append(
             f"| {c['arm']} | {c['k']} | {c['n_seeds']} | {c['dice_mean']:.3f} +- {c['dice_sd']:.3f} "
             f"| {c['nsd_mean']:.3f} +- {c['nsd_sd']:.3f} | "
             + " | ".join(f"{c['organ_dice_mean'].get(o, float('nan')):.3f}" for o in organs)
-            + f" | {_format_difference(c)} | {c['iterations']} | {'x'.join(map(str, c['patch_size']))} "
+            + f" | {_format_paired(c)} | {_format_difference(c)} | {c['iterations']} "
+            f"| {'x'.join(map(str, c['patch_size']))} "
             f"| {c['train_seconds_mean']:.0f} |"
         )
     lines += [
         "",
-        f"Dice - {BASELINE}: the difference of mean Dice against the same network from random init at the same k, "
-        "with Welch's 95 % confidence interval over seeds (scipy.stats.ttest_ind, unequal variances; with 3 seeds "
-        "per arm it is wide, and an interval that contains 0 is no evidence either way).",
+        f"Paired Dice - {BASELINE}: per seed, the arm's Dice minus the same network's from random init at the same "
+        "k and seed (both runs drew the same batches in the same order: every batch is fixed by the seed, "
+        f"`{SEEDING}`); mean over the seeds both have, paired-t 95 % confidence interval (scipy.stats.ttest_rel), "
+        "the sd of the differences, and how many seeds were above 0. "
+        f"Welch: the difference of the two arms' mean Dice with Welch's 95 % interval (scipy.stats.ttest_ind, "
+        "unequal variances), which ignores the pairing. An interval that contains 0 is no evidence either way; "
+        "its half-width bounds the effect the runs can rule out.",
         "",
         "Arms: " + "; ".join(f"**{a}** = {ARMS[a].label} (`{ARMS[a].trainer}`)" for a in s.arms) + ".",
     ]
+    if excluded:
+        lines += ["", f"Not pooled (run before every batch was seeded, `{SEEDING}`; re-run them): "
+                  + ", ".join(excluded) + "."]  # fmt: skip
     if missing:
         lines += ["", f"**Incomplete**: {len(missing)} of {len(missing) + len(runs)} runs missing: "
                   + ", ".join(missing) + "."]  # fmt: skip
     else:
         lines += ["", f"Complete: all {len(runs)} runs."]
-    lines += ["", "![Dice against k](study_dice_vs_k.png)", "", REPORT_END]
+    lines += ["", "![Dice against k, and the paired differences](study_dice_vs_k.png)"]
+    curves = [r for r in runs if r.get("snapshots")]
+    if curves:
+        lines += ["", _snapshot_table(curves), "", "![test Dice along each run](study_learning_curve.png)"]
+    lines += ["", REPORT_END]
     md = report_dir / "study.md"
     block = "\n".join(lines)
     text = (
@@ -505,7 +556,7 @@ def build_report(out: Path, s: Settings, report_dir: Path) -> dict:
     md.write_text(text)
 
     # plot
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (ax, pax) = plt.subplots(1, 2, figsize=(11, 4))
     for i, arm in enumerate(s.arms):
         cs = [c for c in cells if c["arm"] == arm and c["n_seeds"]]
         if cs:
@@ -523,10 +574,61 @@ def build_report(out: Path, s: Settings, report_dir: Path) -> dict:
     ax.set_title("Dice against k" + ("" if not missing else f" (incomplete: {len(missing)} runs missing)"))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    _plot_paired(pax, cells, s)
     fig.tight_layout()
     fig.savefig(report_dir / "study_dice_vs_k.png", dpi=120)
     plt.close(fig)
+    if curves:
+        _plot_learning_curves(curves, report_dir / "study_learning_curve.png")
     return report
+
+
+def _plot_paired(ax, cells: list[dict], s: Settings) -> None:
+    """Per arm and k: each seed's paired difference to the baseline (dots), their mean and 95 % CI (bar)."""
+    groups = [c for c in cells if c.get("paired")]
+    for x, c in enumerate(groups):
+        d = list(c["paired"]["differences"].values())
+        ax.scatter(np.full(len(d), x) + np.linspace(-0.12, 0.12, len(d)), d, s=14, alpha=0.7, color="C0")
+        if c["paired"]["ci95"] is not None:
+            lo, hi = c["paired"]["ci95"]
+            ax.errorbar([x + 0.25], [c["paired"]["mean"]], yerr=[[c["paired"]["mean"] - lo], [hi - c["paired"]["mean"]]],
+                        fmt="D", color="C3", capsize=4)  # fmt: skip
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(range(len(groups)), [f"{c['arm']}\nk={c['k']}" for c in groups], fontsize=8)
+    ax.set_ylabel(f"Dice - {BASELINE} (same seed)")
+    ax.set_title("paired differences: seeds (dots), mean and 95 % CI")
+    ax.grid(alpha=0.3)
+
+
+def _snapshot_table(runs: list[dict]) -> str:
+    """Test Dice along each run (the snapshots and the final weights): where has a run converged?"""
+    its = sorted({p["iterations"] for r in runs for p in r["snapshots"]} | {r["iterations"] for r in runs})
+    rows = ["Test Dice along each run (the same run's weights after that many iterations; the schedule is the "
+            "run's full length):", "", "| run | " + " | ".join(map(str, its)) + " |", "|---|" + "---|" * len(its)]  # fmt: skip
+    for r in runs:
+        at = {p["iterations"]: p["foreground_mean"]["Dice"] for p in r["snapshots"]}
+        at[r["iterations"]] = r["foreground_mean"]["Dice"]
+        rows.append(f"| {r['arm']} k={r['k']} seed {r['seed']} | "
+                    + " | ".join(f"{at[i]:.3f}" if i in at else "" for i in its) + " |")  # fmt: skip
+    return "\n".join(rows)
+
+
+def _plot_learning_curves(runs: list[dict], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in runs:
+        pts = sorted([(p["iterations"], p["foreground_mean"]["Dice"]) for p in r["snapshots"]]
+                     + [(r["iterations"], r["foreground_mean"]["Dice"])])  # fmt: skip
+        ax.plot(*zip(*pts), marker="o", label=f"{r['arm']} k={r['k']} seed {r['seed']}")
+    ax.set_xlabel("training iterations")
+    ax.set_ylabel("foreground Dice (test cases)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 #: the arm every other arm is compared with in the report: the same network, fine-tuned from random init
@@ -542,6 +644,40 @@ def _against_baseline(cell: dict, base: dict | None) -> dict:
     a, b = cell["dice_per_seed"], base["dice_per_seed"]
     ci = ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
     return {"dice_vs_baseline": float(np.mean(a) - np.mean(b)), "dice_vs_baseline_ci95": [float(ci.low), float(ci.high)]}
+
+
+def _paired_against_baseline(cell: dict, base: dict | None) -> dict:
+    """Seed-paired Dice differences to the baseline (seeds both cells have): mean, sd, paired-t 95 % CI and how
+    many seeds were above 0; {} for the baseline itself or without a common seed."""
+    from scipy.stats import ttest_rel
+
+    if cell["arm"] == BASELINE or not base or not cell["n_seeds"] or not base["n_seeds"]:
+        return {}
+    a, b = dict(zip(cell["seeds"], cell["dice_per_seed"])), dict(zip(base["seeds"], base["dice_per_seed"]))
+    common = sorted(set(a) & set(b))
+    if not common:
+        return {}
+    d = np.asarray([a[i] - b[i] for i in common])
+    ci = None
+    if len(d) > 1 and np.ptp(d) > 0:
+        res = ttest_rel([a[i] for i in common], [b[i] for i in common]).confidence_interval(0.95)
+        ci = [float(res.low), float(res.high)]
+    return {"paired": {
+        "seeds": common, "n": len(common), "mean": float(d.mean()), "sd": float(d.std(ddof=1)) if len(d) > 1 else None,
+        "ci95": ci, "half_width": None if ci is None else (ci[1] - ci[0]) / 2, "n_above": int((d > 0).sum()),
+        "differences": {str(i): float(x) for i, x in zip(common, d)},
+    }}  # fmt: skip
+
+
+def _format_paired(cell: dict) -> str:
+    if cell["arm"] == BASELINE:
+        return "(baseline)"
+    p = cell.get("paired")
+    if not p:
+        return ""
+    ci = f" [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}]" if p["ci95"] else ""
+    sd = f", sd {p['sd']:.3f}" if p["sd"] is not None else ""
+    return f"{p['mean']:+.3f}{ci}{sd}, {p['n_above']}/{p['n']} above"
 
 
 def _format_difference(cell: dict) -> str:
@@ -585,6 +721,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
         help="epochs of the stock nnU-Net arm: equal wall-clock, since equal iterations do not fit (default 2, "
         "about the MiM runs' training time; 0: --epochs, equal iterations)",
     )
+    p.add_argument("--snapshot-every", type=int, default=None,
+                   help="also score each run's weights every N iterations (a multiple of --iters; default 0: none)")  # fmt: skip
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from existing results")
     p.add_argument("--stages", nargs="+", default=["data", "pretrain", "plan", "finetune", "report"],
                    choices=["data", "pretrain", "plan", "finetune", "report"], help="stages to run (default all)")  # fmt: skip
@@ -593,9 +731,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
     for name in ("arms", "seeds", "ks"):
         if getattr(a, name) is not None:
             setattr(s, name, tuple(getattr(a, name)))
-    for name in ("corpus", "pretrain_steps", "epochs", "iters", "stock_epochs"):
+    for name in ("corpus", "pretrain_steps", "epochs", "iters", "stock_epochs", "snapshot_every"):
         if getattr(a, name) is not None:
             setattr(s, name, getattr(a, name))
+    if s.snapshot_every % s.iters:
+        p.error(f"--snapshot-every {s.snapshot_every}: not a multiple of --iters {s.iters}")
     a.out = (a.out or REPO / "work_dirs" / ("study_quick" if a.quick else "study")).resolve()
     a.report_dir = (a.report_dir or (a.out if a.quick else REPO / "docs")).resolve()
     return a, s

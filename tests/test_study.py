@@ -69,7 +69,7 @@ def _fake_run(arm: str, k: int, seed: int, dice: float) -> dict:
     return {
         "arm": arm, "k": k, "seed": seed, "trainer": "T", "plans": "P", "iterations": 10, "train_seconds": 5.0,
         "predict_seconds": 2.0, "n_test": 2, "tolerance_mm": 2.0, "foreground_mean": {"Dice": dice, "NSD": dice},
-        "per_organ": organs, "patch_size": [32, 32, 32],
+        "per_organ": organs, "patch_size": [32, 32, 32], "seeding": "every-batch-v1",
     }  # fmt: skip
 
 
@@ -80,7 +80,10 @@ def test_report_from_partial_results(tmp_path):
     (tmp_path / "runs").mkdir()
     done = [("MiM", 2, 0, 0.5), ("MiM", 2, 1, 0.7), ("MiM", 8, 0, 0.8), ("scratch", 2, 0, 0.3)]
     for arm, k, seed, dice in done:
-        (tmp_path / "runs" / f"{arm}_k{k}_s{seed}.json").write_text(json.dumps(_fake_run(arm, k, seed, dice)))
+        (tmp_path / "runs" / f"{arm}_k{k}_s{seed}_it200.json").write_text(json.dumps(_fake_run(arm, k, seed, dice)))
+    # a run from before every batch was seeded: never pooled with the seeded ones
+    old = {key: v for key, v in _fake_run("scratch", 8, 0, 0.9).items() if key != "seeding"}
+    (tmp_path / "runs" / "scratch_k8_s0_it200.json").write_text(json.dumps(old))
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "study.md").write_text(
@@ -93,15 +96,22 @@ def test_report_from_partial_results(tmp_path):
         and cell["dice_mean"] == pytest.approx(0.6)
         and cell["dice_sd"] == pytest.approx(0.1414, abs=1e-3)
     )
-    assert sorted(report["missing_runs"]) == ["MiM_k8_s1", "scratch_k2_s1", "scratch_k8_s0", "scratch_k8_s1"]
+    assert sorted(report["missing_runs"]) == [
+        "MiM_k8_s1_it200", "scratch_k2_s1_it200", "scratch_k8_s0_it200", "scratch_k8_s1_it200"
+    ]
+    assert report["excluded_runs"] == ["scratch_k8_s0_it200"]
     assert not report["complete"]
     md = (docs / "study.md").read_text()
     assert "hand-written text" in md and "old" not in md and md.count(study.REPORT_BEGIN) == 1
     assert "| MiM | 2 | 2 | 0.600 +- 0.141 |" in md and "| scratch | 8 | 0 | (missing) |" in md
-    assert "**Incomplete**: 4 of 8 runs missing" in md
+    assert "**Incomplete**: 4 of 8 runs missing" in md and "Not pooled" in md and "scratch_k8_s0_it200" in md
+    # seed-paired against scratch: only seed 0 is in both at k = 2 (0.5 - 0.3), one seed: no interval
+    assert cell["paired"]["n"] == 1 and cell["paired"]["mean"] == pytest.approx(0.2)
+    assert cell["paired"]["ci95"] is None and cell["paired"]["n_above"] == 1
+    assert "+0.200, 1/1 above" in md
     assert json.loads((docs / "study.json").read_text())["missing_runs"] == report["missing_runs"]
     assert (docs / "study_dice_vs_k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| MiM | 2 | 2 | 0.600 +- 0.141 |" in md and "(baseline)" in md and "Welch's 95 % confidence" in md
+    assert "| MiM | 2 | 2 | 0.600 +- 0.141 |" in md and "(baseline)" in md and "Welch's 95 % interval" in md
     # Against the baseline: difference of means and Welch's interval (df = 2 here: t = 4.303, se = 0.1414).
     diff = study._against_baseline(
         {"arm": "MiM", "n_seeds": 2, "dice_per_seed": [0.5, 0.7]},
@@ -109,6 +119,15 @@ def test_report_from_partial_results(tmp_path):
     )
     assert diff["dice_vs_baseline"] == pytest.approx(0.2)
     assert diff["dice_vs_baseline_ci95"] == pytest.approx([0.2 - 0.6085, 0.2 + 0.6085], abs=1e-3)
+    # Paired: differences 0.2, 0.1, 0.3 -> mean 0.2, sd 0.1, t(2) = 4.303: CI 0.2 +- 4.303 * 0.1 / sqrt(3)
+    paired = study._paired_against_baseline(
+        {"arm": "MiM", "n_seeds": 4, "seeds": [0, 1, 2, 5], "dice_per_seed": [0.5, 0.5, 0.6, 0.9]},
+        {"arm": "scratch", "n_seeds": 3, "seeds": [0, 1, 2], "dice_per_seed": [0.3, 0.4, 0.3]},
+    )["paired"]
+    assert paired["seeds"] == [0, 1, 2] and paired["n_above"] == 3
+    assert paired["mean"] == pytest.approx(0.2) and paired["sd"] == pytest.approx(0.1)
+    assert paired["ci95"] == pytest.approx([0.2 - 0.2484, 0.2 + 0.2484], abs=1e-3)
+    assert paired["half_width"] == pytest.approx(0.2484, abs=1e-3)
     one_seed = next(c for c in report["cells"] if c["arm"] == "scratch" and c["k"] == 2)
     assert one_seed["n_seeds"] == 1 and study._against_baseline(cell, one_seed) == {}
     assert "dice_vs_baseline" not in cell  # the report's own cell: the baseline has one seed at k = 2
@@ -203,7 +222,7 @@ def test_resumed_run_does_not_report_a_partial_training_time(tmp_path, monkeypat
     monkeypatch.setattr(evaluate, "evaluate_folders", lambda *a: {
         "n_cases": 1, "foreground_mean": {"Dice": 0.5, "NSD": 0.4}, "mean": {"1": {"Dice": 0.5, "NSD": 0.4}}})  # fmt: skip
     arm = study.ARMS["nnUNet"]
-    model = (tmp_path / "runs" / "nnUNet_k2_s0" / "nnUNet_results" / study.DATASET
+    model = (tmp_path / "runs" / "nnUNet_k2_s0_it50" / "nnUNet_results" / study.DATASET
              / f"{arm.trainer}__{study.STOCK_PLANS}__3d_fullres" / f"fold_{st.fold(2)}")  # fmt: skip
     model.mkdir(parents=True)
     (model / "checkpoint_latest.pth").write_bytes(b"")
@@ -222,3 +241,39 @@ def test_resumed_run_does_not_report_a_partial_training_time(tmp_path, monkeypat
     st.finetune("nnUNet-eqiter", 2, 0)
     assert envs[-1]["MIM_NNUNET_STUDY_EPOCHS"] == str(study.Settings().epochs)
     assert json.loads(st.result_path("nnUNet-eqiter", 2, 0).read_text())["iterations"] == 200
+
+
+def test_snapshots_are_scored_along_a_run_and_reported(tmp_path, monkeypatch):
+    """``--snapshot-every``: the trainer keeps the weights every N iterations, the study scores each of them
+    (one prediction per snapshot, then the final weights) and the report gets a table and a learning curve."""
+    import mim_nnunet.submission.evaluate as evaluate
+
+    study = _study_module()
+    raw = tmp_path / "nnUNet_raw" / study.DATASET
+    raw.mkdir(parents=True)
+    (raw / "dataset.json").write_text(json.dumps({"numTraining": 10, "labels": {"background": 0, "liver": 1}}))
+    pre = tmp_path / "nnUNet_preprocessed" / study.DATASET
+    pre.mkdir(parents=True)
+    s = study.Settings(ks=(2,), seeds=(0,), arms=("nnUNet",), epochs=4, iters=5, snapshot_every=5, test=1,
+                       stock_epochs=0)
+    st = study.Study(tmp_path, s)
+    (pre / f"{study.STOCK_PLANS}.json").write_text(json.dumps({"configurations": {"3d_fullres": {"patch_size": [8, 8, 8]}}}))
+    st.write_splits()
+    commands, envs = [], []
+    monkeypatch.setattr(study, "_run", lambda cmd, env, logfile: commands.append(cmd) or envs.append(env) or 1.0)
+    dice = iter([0.1, 0.2, 0.3, 0.35])
+    monkeypatch.setattr(evaluate, "evaluate_folders", lambda *a: (lambda d: {
+        "n_cases": 1, "foreground_mean": {"Dice": d, "NSD": d}, "mean": {"1": {"Dice": d, "NSD": d}}})(next(dice)))  # fmt: skip
+    st.finetune("nnUNet", 2, 0)
+    assert envs[0]["MIM_NNUNET_STUDY_SNAPSHOT_EVERY"] == "1"  # epochs: 5 iterations / 5 per epoch
+    chk = [c[c.index("-chk") + 1] for c in commands[1:]]
+    assert chk == ["checkpoint_it5.pth", "checkpoint_it10.pth", "checkpoint_it15.pth", "checkpoint_final.pth"]
+    result = json.loads(st.result_path("nnUNet", 2, 0).read_text())
+    assert [p["iterations"] for p in result["snapshots"]] == [5, 10, 15] and result["iterations"] == 20
+    assert result["foreground_mean"]["Dice"] == 0.35 and result["seeding"] == "every-batch-v1"
+    report = study.build_report(tmp_path, s, tmp_path / "docs")
+    md = (tmp_path / "docs" / "study.md").read_text()
+    assert "| 5 | 10 | 15 | 20 |" in md and "| nnUNet k=2 seed 0 | 0.100 | 0.200 | 0.300 | 0.350 |" in md
+    assert (tmp_path / "docs" / "study_learning_curve.png").read_bytes()[:4] == b"\x89PNG" and report["complete"]
+    with pytest.raises(SystemExit):
+        study.parse_args(["--snapshot-every", "7", "--iters", "5"])
