@@ -1,0 +1,80 @@
+"""The code's shape, checked with ast so that it cannot drift back: which modules may import which.
+
+The model, masking and losses are pure torch (../shared/design/product.md, "Dependencies point one way"): they
+import nothing of the engine, the CLI, data, the nnU-Net integration, submission or the checkpoint format, and no
+file-format or nnU-Net package.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "mim_nnunet"
+
+# The pure-torch core: these modules may import only each other (and torch, numpy, the standard library).
+CORE = ("model", "masking", "losses")
+FORBIDDEN_EXTERNAL = ("nnunetv2", "SimpleITK", "blosc2", "safetensors", "batchgenerators", "acvl_utils")
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(source: str, name: str, is_package: bool = False) -> list[tuple[int, str]]:
+    """Absolute names of every module the code of module ``name`` imports (relative imports resolved), with
+    line numbers. ``from pkg import x`` counts as importing ``pkg`` (and so ``from .. import x`` as the root)."""
+    package = name if is_package else name.rsplit(".", 1)[0]
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if node.level:
+                base = package.split(".")
+                mod = ".".join(base[: len(base) - (node.level - 1)] + ([mod] if mod else []))
+            found.append((node.lineno, mod))
+    return found
+
+
+def core_files() -> list[Path]:
+    return sorted((PACKAGE / "model").rglob("*.py")) + [PACKAGE / "masking.py", PACKAGE / "losses.py"]
+
+
+def _is_core(mod: str) -> bool:
+    return any(mod == f"mim_nnunet.{c}" or mod.startswith(f"mim_nnunet.{c}.") for c in CORE)
+
+
+def core_violations(source: str, name: str, is_package: bool = False) -> list[str]:
+    """One line per import of module ``name`` that leaves the pure-torch core."""
+    bad = []
+    for line, mod in imported_modules(source, name, is_package):
+        top = mod.split(".")[0]
+        if (top == "mim_nnunet" and not _is_core(mod)) or top in FORBIDDEN_EXTERNAL:
+            bad.append(f"{name}:{line} imports {mod}")
+    return bad
+
+
+@pytest.mark.parametrize("path", core_files(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_model_masking_and_losses_import_only_each_other(path: Path):
+    assert core_violations(path.read_text(), module_name(path), path.name == "__init__.py") == []
+
+
+def test_the_import_check_sees_a_violation():
+    """The checker itself: relative levels are resolved, engine, checkpoint and root imports are reported."""
+    source = (
+        "from ..pretrain.monitor import collapse_signal\nfrom ..checkpoint import load_checkpoint\n"
+        "from .. import build_pretraining_model\nimport nnunetv2\nfrom .encoder import HybridEncoder\n"
+        "from ..losses import alignment_loss\n"
+    )
+    found = core_violations(source, "mim_nnunet.model.mim")
+    assert found == [
+        "mim_nnunet.model.mim:1 imports mim_nnunet.pretrain.monitor",
+        "mim_nnunet.model.mim:2 imports mim_nnunet.checkpoint",
+        "mim_nnunet.model.mim:3 imports mim_nnunet",
+        "mim_nnunet.model.mim:4 imports nnunetv2",
+    ]
