@@ -10,7 +10,8 @@ stay readable: their weights are verified, their metadata cannot be. Writes are 
 containers running under another user can read them. The resume state (optimizer, scheduler, RNG, data
 position) is a separate file, so losing it never loses weights.
 
-This module depends on nothing of the project but itself.
+This module depends on nothing of the project but itself and the atomic write (:mod:`mim_nnunet.atomic`, standard
+library only, shared with the preprocessed cache).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import hashlib
 import json
 import os
 import pickle
-import tempfile
 import zipfile
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
+
+from .atomic import atomic_write
 
 FORMAT_VERSION = 2  # 2: metadata_sha256 covers the metadata (1: the weights only)
 READABLE_VERSIONS = (1, 2)
@@ -89,30 +91,6 @@ def metadata_sha256(raw: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def umask_mode(mode: int = 0o666) -> int:
-    """``mode`` less the process umask: what ``open()`` would give a new file."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mode & ~mask
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        # mkstemp creates 0600 (writers may recreate the file) and the rename keeps it: give the file the mode
-        # a plain open() would.
-        os.chmod(tmp, umask_mode())
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], metadata: CheckpointMetadata) -> str:
     """Write weights + metadata atomically; returns the weights' sha256 (also stored in the metadata)."""
     state = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
@@ -120,7 +98,7 @@ def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor]
     metadata.format_version = FORMAT_VERSION
     metadata.metadata_sha256 = ""
     metadata.metadata_sha256 = metadata_sha256(json.loads(metadata.to_json()))
-    _atomic_write(Path(path), lambda tmp: save_file(state, tmp, metadata={METADATA_KEY: metadata.to_json()}))
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata={METADATA_KEY: metadata.to_json()}))
     return metadata.weights_sha256
 
 
@@ -196,7 +174,7 @@ def check_state_dict(
 
 def save_resume_state(path: str | os.PathLike, state: dict) -> None:
     """Optimizer/scheduler/scaler/RNG/data position, written atomically (a local file: torch's format)."""
-    _atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_resume_state(path: str | os.PathLike) -> dict:

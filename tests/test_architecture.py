@@ -78,3 +78,69 @@ def test_the_import_check_sees_a_violation():
         "mim_nnunet.model.mim:3 imports mim_nnunet",
         "mim_nnunet.model.mim:4 imports nnunetv2",
     ]
+
+
+# ------------------------------------------------------------------------------ who names which file
+
+
+def string_constants(path: Path) -> list[tuple[int, str]]:
+    """Every string literal of ``path`` (f-string pieces included; docstrings are plain statements, skipped)."""
+    tree = ast.parse(path.read_text(), str(path))
+    docstrings = {
+        id(n.body[0].value)
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Module | ast.FunctionDef | ast.ClassDef | ast.AsyncFunctionDef)
+        and n.body
+        and isinstance(n.body[0], ast.Expr)
+        and isinstance(n.body[0].value, ast.Constant)
+    }
+    return [
+        (n.lineno, n.value)
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings
+    ]
+
+
+def test_only_the_cache_names_the_cache_files():
+    from mim_nnunet.data import cache
+
+    names = {cache.SETTINGS, cache.INDEX, cache.FINGERPRINT, cache.SKIPPED_TXT, cache.SKIPPED_JSON}
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path == PACKAGE / "data" / "cache.py":
+            continue
+        for line, text in string_constants(path):
+            if text in names or any(text.endswith(("/" + n, "/" + n.split(".")[0])) for n in names):
+                found.append(f"{path.relative_to(PACKAGE.parent)}:{line} {text!r}")
+    assert found == []
+
+
+def test_checkpoint_and_cache_share_one_atomic_write():
+    for name in ("checkpoint.py", "data/cache.py"):
+        tree = ast.parse((PACKAGE / name).read_text())
+        calls = {
+            f"{n.value.id}.{n.attr}"
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
+        }
+        assert not calls & {"os.replace", "os.rename", "tempfile.mkstemp", "tempfile.NamedTemporaryFile"}, (
+            name
+        )
+        assert any(isinstance(n, ast.Name) and n.id.startswith("atomic_write") for n in ast.walk(tree)), name
+
+
+def test_container_entry_calls_the_submission_api(monkeypatch):
+    from mim_nnunet.submission import pipeline
+    from mim_nnunet.submission.container import entry
+
+    path = PACKAGE / "submission" / "container" / "entry.py"
+    imported = {
+        (node.module, a.name)
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom)
+        for a in node.names
+    }
+    assert ("mim_nnunet.cli.submit", "main") not in imported
+    assert entry.submit is pipeline.submit
+    literals = {text for _, text in string_constants(path)}
+    assert not literals & {pipeline.PREDICTIONS, pipeline.MANIFEST, pipeline.ZIP, pipeline.VALIDATION}

@@ -463,6 +463,7 @@ def _other_cases_indexed(cache: Path, saved: dict, settings) -> bool:
 
 
 def _run(args: argparse.Namespace, out: Path, cache: Path, settings, dist) -> int:
+    from ..data.cache import FINGERPRINT, INDEX, SKIPPED_TXT
     from ..data.loader import CropDataset
     from ..data.preprocess import cache_identity, check_cache_identity, load_fingerprint, preprocess_corpus
     from ..pretrain.distributed import any_rank
@@ -476,12 +477,12 @@ def _run(args: argparse.Namespace, out: Path, cache: Path, settings, dist) -> in
         previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             saved = getattr(args, "saved_cache_identity", {})
-            if not (args.resume and (cache / "fingerprint.json").is_file()):
+            if not (args.resume and (cache / FINGERPRINT).is_file()):
                 preprocess_corpus(args.input, cache, settings, args.preprocess_workers, args.progress)
             elif _other_cases_indexed(cache, saved, settings):
                 # same settings, but the index lists the cases of another run sharing the cache: index this
                 # run's inputs again (finished cases are reused; nothing is deleted)
-                log.warning("%s/index.json lists another run's cases: indexing this run's inputs again", cache)
+                log.warning("%s lists another run's cases: indexing this run's inputs again", cache / INDEX)
                 preprocess_corpus(args.input, cache, settings, args.preprocess_workers, args.progress)
             if args.resume:  # the run must continue on the data it began with
                 check_cache_identity(cache, saved, settings)
@@ -501,7 +502,7 @@ def _run(args: argparse.Namespace, out: Path, cache: Path, settings, dist) -> in
     if any_rank(failed, dist):  # also the barrier: the other ranks wait here for rank 0's cache
         return 128 + interrupted if interrupted else 2
     if args.preprocess_only:
-        log.info("preprocess only: the cache is %s (fingerprint.json, skipped.txt)", cache)
+        log.info("preprocess only: the cache is %s (%s, %s)", cache, FINGERPRINT, SKIPPED_TXT)
         return 0
     opts = _options(args)
     crops = CropDataset(cache, 2 * PRESETS[args.preset]["input_size"], seed=args.seed)

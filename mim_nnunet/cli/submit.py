@@ -214,6 +214,24 @@ def _run_profiles() -> int:
     return EXIT_OK
 
 
+def submit_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments of :func:`mim_nnunet.submission.pipeline.submit` that ``args`` (of
+    :func:`submit_parser`) gives, besides images, models, profile and output; the container entry uses it too."""
+    return {
+        "folds": args.folds,
+        "checkpoint": args.checkpoint,
+        "postprocessing": args.postprocessing,
+        "device": args.device,
+        "tta": not args.disable_tta,
+        "step_size": args.step_size,
+        "num_processes": args.num_processes,
+        "label_map": args.label_map,
+        "map_labels_by_name": args.map_labels_by_name,
+        "user_vars": dict(args.var),
+        "overwrite": args.overwrite,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["evaluate"]:
@@ -247,17 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             args.model,
             profile,
             args.output,
-            folds=args.folds,
-            checkpoint=args.checkpoint,
-            postprocessing=args.postprocessing,
-            device=args.device,
-            tta=not args.disable_tta,
-            step_size=args.step_size,
-            num_processes=args.num_processes,
-            label_map=args.label_map,
-            map_labels_by_name=args.map_labels_by_name,
-            user_vars=user_vars,
-            overwrite=args.overwrite,
+            **submit_options(args),
             argv=["mim_nnunet_submit", *argv],
         )
     except (ProfileError, ModelError, OutputExistsError) as e:
