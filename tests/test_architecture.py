@@ -144,3 +144,31 @@ def test_container_entry_calls_the_submission_api(monkeypatch):
     assert entry.submit is pipeline.submit
     literals = {text for _, text in string_constants(path)}
     assert not literals & {pipeline.PREDICTIONS, pipeline.MANIFEST, pipeline.ZIP, pipeline.VALIDATION}
+
+
+def test_one_owner_for_the_run_folder_and_the_resume_rules():
+    """The CLI and run.py use folder.py's names and resume.py's rules; neither defines its own."""
+    from mim_nnunet.cli import pretrain as cli
+    from mim_nnunet.pretrain import folder, resume, run
+
+    assert cli.RESUMABLE is resume.RESUMABLE and run.CONFIG == folder.CONFIG
+    assert run.ResumeError is resume.ResumeError and run.RunFolderError is folder.RunFolderError
+    for path in (PACKAGE / "cli" / "pretrain.py", PACKAGE / "pretrain" / "run.py"):
+        tree = ast.parse(path.read_text())
+        assigned = {
+            t.id
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Assign)
+            for t in n.targets
+            if isinstance(t, ast.Name)
+        }
+        assert not assigned & {
+            "RESUMABLE",
+            "PER_INVOCATION",
+            "CONFIG",
+            "METRICS",
+            "RUN_FILES",
+            "RESUME_STATE",
+        }, path
+        texts = {text for _, text in string_constants(path)}
+        assert not texts & set(folder.RUN_FILES), path
