@@ -40,6 +40,33 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and the problem."""
 
 
+# What a file is, from its first bytes (file_format): errors say what was given, not only what failed to parse.
+SAFETENSORS = "a safetensors file"
+TORCH_ZIP = "a torch.save file (zip archive)"
+TORCH_PICKLE = "a pickle (torch.save's legacy format)"
+
+
+def file_format(path: str | os.PathLike) -> str:
+    """:data:`SAFETENSORS`, :data:`TORCH_ZIP`, :data:`TORCH_PICKLE`, or a phrase saying what else the file is."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as e:
+        return f"a file that cannot be read ({e.strerror})"
+    if not head:
+        return "an empty file"
+    if head.startswith(b"PK\x03\x04"):
+        return TORCH_ZIP
+    if head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5:  # PROTO opcode, pickle protocols 2-5
+        return TORCH_PICKLE
+    # safetensors: an 8-byte little-endian header length, then the JSON header
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= size - 8:
+        return SAFETENSORS
+    return f"neither safetensors nor a torch.save file (it starts with {head[:8]!r})"
+
+
 @dataclass
 class CheckpointMetadata:
     preset: str
@@ -111,7 +138,14 @@ def read_metadata(path: str | os.PathLike) -> CheckpointMetadata:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+        found = file_format(path)
+        if found == SAFETENSORS:
+            raise CheckpointError(f"{path}: a safetensors file that cannot be read, truncated or corrupted ({e})") from e
+        hint = (
+            "; if it is the MiM authors' .pth, mim_nnunet_convert turns it into one"
+            if found in (TORCH_ZIP, TORCH_PICKLE) else ""
+        )  # fmt: skip
+        raise CheckpointError(f"{path}: {found}, expected a MiM checkpoint (.safetensors){hint}") from None
     if METADATA_KEY not in meta:
         raise CheckpointError(f"{path}: a safetensors file, but not a MiM checkpoint (no '{METADATA_KEY}' metadata)")
     text = meta[METADATA_KEY]

@@ -191,6 +191,19 @@ def test_refuses_foreign_globals(tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_load_encoder_names_a_file_that_is_not_safetensors(converted, tmp_path):
+    src, _, _ = converted
+    with pytest.raises(CheckpointError) as e:
+        load_encoder(src)  # the authors' .pth itself
+    msg = str(e.value)
+    assert msg.startswith(f"{src}: a torch.save file") and "expected a MiM checkpoint (.safetensors)" in msg
+    assert "mim_nnunet_convert" in msg and "deserializing" not in msg
+    noise = tmp_path / "noise.safetensors"
+    noise.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(CheckpointError, match=r"noise\.safetensors: neither safetensors nor a torch.save file"):
+        load_encoder(noise)
+
+
 def test_missing_extra_and_misshaped_tensors_are_named(tmp_path):
     state, _ = authors_state()
     cases = {
