@@ -1,4 +1,4 @@
-"""The MiM authors' released pre-training checkpoint -> this project's checkpoint contract (issue 9).
+"""The MiM authors' released pre-training checkpoint -> this project's checkpoint contract.
 
 Owns the authors' file format: reading it safely, the tensor-name mapping (:data:`NAME_TABLE`, one table), the
 numerical and axis differences to undo, and the exact inverse of all of it (:func:`to_authors_state`, which the
