@@ -92,12 +92,14 @@ def wait_for(proc: subprocess.Popen, condition, timeout: float = 600.0) -> bool:
 
 def inject(proc, phase: str, run: Path, cache: Path, steps: int, save_every: int, rng: random.Random) -> str:
     """Wait for the phase, then a random delay within it; returns where the kill landed (as observed)."""
+    from mim_nnunet.data.cache import FINGERPRINT, SETTINGS
+
     metrics = run / "metrics.jsonl"
     if phase == "preprocess":
-        if not wait_for(proc, lambda: (cache / "settings.json").is_file()):
+        if not wait_for(proc, lambda: (cache / SETTINGS).is_file()):
             return "never reached"
         time.sleep(rng.uniform(0.0, 4.0))
-        return "preprocess" if not (cache / "fingerprint.json").is_file() else "after preprocess"
+        return "preprocess" if not (cache / FINGERPRINT).is_file() else "after preprocess"
     if phase == "step":
         target = rng.randrange(0, steps - 1)  # kill during step target + 1
         if not wait_for(proc, lambda: lines(metrics) >= target and (run / "config.json").is_file()):

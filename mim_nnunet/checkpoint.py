@@ -10,7 +10,8 @@ stay readable: their weights are verified, their metadata cannot be. Writes are 
 containers running under another user can read them. The resume state (optimizer, scheduler, RNG, data
 position) is a separate file, so losing it never loses weights.
 
-This module depends on nothing of the project but itself.
+This module depends on nothing of the project but itself and the atomic write (:mod:`mim_nnunet.atomic`, standard
+library only, shared with the preprocessed cache).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import hashlib
 import json
 import os
 import pickle
-import tempfile
 import zipfile
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
+
+from .atomic import atomic_write
 
 FORMAT_VERSION = 2  # 2: metadata_sha256 covers the metadata (1: the weights only)
 READABLE_VERSIONS = (1, 2)
@@ -36,6 +38,33 @@ AXIS_CONVENTION = "numpy array of SimpleITK.GetArrayFromImage: axes (z, y, x); s
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and the problem."""
+
+
+# What a file is, from its first bytes (file_format): errors say what was given, not only what failed to parse.
+SAFETENSORS = "a safetensors file"
+TORCH_ZIP = "a torch.save file (zip archive)"
+TORCH_PICKLE = "a pickle (torch.save's legacy format)"
+
+
+def file_format(path: str | os.PathLike) -> str:
+    """:data:`SAFETENSORS`, :data:`TORCH_ZIP`, :data:`TORCH_PICKLE`, or a phrase saying what else the file is."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as e:
+        return f"a file that cannot be read ({e.strerror})"
+    if not head:
+        return "an empty file"
+    if head.startswith(b"PK\x03\x04"):
+        return TORCH_ZIP
+    if head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5:  # PROTO opcode, pickle protocols 2-5
+        return TORCH_PICKLE
+    # safetensors: an 8-byte little-endian header length, then the JSON header
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= size - 8:
+        return SAFETENSORS
+    return f"neither safetensors nor a torch.save file (it starts with {head[:8]!r})"
 
 
 @dataclass
@@ -89,30 +118,6 @@ def metadata_sha256(raw: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def umask_mode(mode: int = 0o666) -> int:
-    """``mode`` less the process umask: what ``open()`` would give a new file."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mode & ~mask
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        # mkstemp creates 0600 (writers may recreate the file) and the rename keeps it: give the file the mode
-        # a plain open() would.
-        os.chmod(tmp, umask_mode())
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], metadata: CheckpointMetadata) -> str:
     """Write weights + metadata atomically; returns the weights' sha256 (also stored in the metadata)."""
     state = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
@@ -120,7 +125,7 @@ def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor]
     metadata.format_version = FORMAT_VERSION
     metadata.metadata_sha256 = ""
     metadata.metadata_sha256 = metadata_sha256(json.loads(metadata.to_json()))
-    _atomic_write(Path(path), lambda tmp: save_file(state, tmp, metadata={METADATA_KEY: metadata.to_json()}))
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata={METADATA_KEY: metadata.to_json()}))
     return metadata.weights_sha256
 
 
@@ -133,7 +138,14 @@ def read_metadata(path: str | os.PathLike) -> CheckpointMetadata:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+        found = file_format(path)
+        if found == SAFETENSORS:
+            raise CheckpointError(f"{path}: a safetensors file that cannot be read, truncated or corrupted ({e})") from e
+        hint = (
+            "; if it is the MiM authors' .pth, mim_nnunet_convert turns it into one"
+            if found in (TORCH_ZIP, TORCH_PICKLE) else ""
+        )  # fmt: skip
+        raise CheckpointError(f"{path}: {found}, expected a MiM checkpoint (.safetensors){hint}") from None
     if METADATA_KEY not in meta:
         raise CheckpointError(f"{path}: a safetensors file, but not a MiM checkpoint (no '{METADATA_KEY}' metadata)")
     text = meta[METADATA_KEY]
@@ -196,7 +208,7 @@ def check_state_dict(
 
 def save_resume_state(path: str | os.PathLike, state: dict) -> None:
     """Optimizer/scheduler/scaler/RNG/data position, written atomically (a local file: torch's format)."""
-    _atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_resume_state(path: str | os.PathLike) -> dict:

@@ -1,4 +1,4 @@
-"""The MiM authors' released pre-training checkpoint -> this project's checkpoint contract (issue 9).
+"""The MiM authors' released pre-training checkpoint -> this project's checkpoint contract.
 
 Owns the authors' file format: reading it safely, the tensor-name mapping (:data:`NAME_TABLE`, one table), the
 numerical and axis differences to undo, and the exact inverse of all of it (:func:`to_authors_state`, which the
@@ -30,13 +30,24 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, CheckpointMetadata, check_state_dict, save_checkpoint
+from .checkpoint import (
+    SAFETENSORS,
+    TORCH_PICKLE,
+    TORCH_ZIP,
+    CheckpointError,
+    CheckpointMetadata,
+    check_state_dict,
+    file_format,
+    read_metadata,
+    save_checkpoint,
+)
 from .model.config import PRESETS, TOKEN_SIZE, MiMConfig, make_config
 
 log = logging.getLogger(__name__)
 
 AUTHORS_CONV_LN_EPS = 1e-5  # nn.LayerNorm's default in their PatchEmbed3d / CBlock3d norms
 DDP_PREFIX = "module."
+AUTHORS_FILE = "the MiM authors' pre-training checkpoint (torch.save dict with 'model', e.g. MiM_base.pth)"
 
 # authors prefix -> project prefix; a row without a trailing "." is an exact name. Rows are tried in order and
 # the first whose prefix matches wins; the remainder keeps its name up to LEAF_RENAMES[rule].
@@ -213,24 +224,45 @@ def read_authors_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
+    found = file_format(path)
+    if found == SAFETENSORS:  # torch.load would read it too, and the error would blame the tensor names
+        try:
+            read_metadata(path)
+            found = "already a MiM checkpoint of this project (use it as it is, e.g. as -pt of the planner)"
+        except CheckpointError:
+            pass
+    if found not in (TORCH_ZIP, TORCH_PICKLE):
+        raise CheckpointError(f"{path}: {found}; expected {AUTHORS_FILE}")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # torch's message is many lines of advice (including "use weights_only=False"); keep the refused global
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        what = found.group(1) if found else str(e).strip().splitlines()[-1][:200]
+        text = str(e)
+        if refused := re.search(r"Unsupported global: GLOBAL (\S+)", text):
+            raise CheckpointError(
+                f"{path}: refused, the pickle asks for {refused.group(1)}; a MiM checkpoint needs only tensors and "
+                "argparse.Namespace"
+            ) from None
+        reason = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", text, re.S)
         raise CheckpointError(
-            f"{path}: refused, the pickle asks for {what}; a MiM checkpoint needs only tensors and argparse.Namespace"
+            f"{path}: {found} that cannot be unpickled ({reason.group(1) if reason else _first_line(e)}); "
+            f"expected {AUTHORS_FILE}"
         ) from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({str(e).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, OSError, KeyError, IndexError, ValueError, TypeError, AttributeError) as e:
+        # a malformed pickle stream fails inside the unpickler with any of these
+        raise CheckpointError(f"{path}: {found} that cannot be read ({_first_line(e)}); expected {AUTHORS_FILE}") from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         return obj
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return {"model": obj}  # a bare state dict
     raise CheckpointError(f"{path}: expected the authors' dict with a 'model' state dict, got {type(obj).__name__}"
                           + (f" with keys {sorted(obj)[:8]}" if isinstance(obj, dict) else ""))
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
 
 
 def file_sha256(path: Path) -> str:

@@ -1,4 +1,6 @@
-"""Losses (mim_method.md §2, §4): norm-pix reconstruction on masked tokens, and cross-level alignment.
+"""Losses (mim_method.md §2, §4): norm-pix reconstruction on masked tokens, and cross-level alignment, with the
+no-gradient collapse signal of the alignment (:func:`collapse_signal`; why and how to read it: the docstring of
+:mod:`mim_nnunet.pretrain.monitor`).
 
 Pure torch; the parent/child pairing (which features are compared) is the model's business, here only maths.
 """
@@ -46,3 +48,24 @@ def reconstruction_loss(
 def alignment_loss(child: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
     """``2 - 2 cos(child, parent)``, averaged over the pairs."""
     return (2.0 - 2.0 * F.cosine_similarity(child.float(), parent.float(), dim=-1)).mean()
+
+
+@torch.no_grad()
+def collapse_signal(
+    child: torch.Tensor, parent: torch.Tensor, crop: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``child``, ``parent``: head outputs ``(M, D)`` of the M aligned pairs; ``crop``: ``(M,)`` crop index of each.
+
+    Returns ``(unrelated cosine, normalised std)`` as 0-d float tensors (how to read them:
+    :mod:`mim_nnunet.pretrain.monitor`).
+    """
+    c = F.normalize(child.detach().float(), dim=-1)
+    p = F.normalize(parent.detach().float(), dim=-1)
+    m = c.shape[0]
+    unrelated = crop[:, None] != crop[None, :]
+    if not bool(unrelated.any()):  # one crop in the batch: the non-matching pairs of that crop
+        unrelated = ~torch.eye(m, dtype=torch.bool, device=c.device)
+    cos = c @ p.T
+    unrelated_cos = cos[unrelated].mean() if bool(unrelated.any()) else cos.new_tensor(float("nan"))
+    std = p.std(dim=0).mean() * p.shape[1] ** 0.5 if m > 1 else p.new_tensor(float("nan"))
+    return unrelated_cos, std

@@ -191,6 +191,45 @@ def test_refuses_foreign_globals(tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_files_that_are_not_the_authors_checkpoint_are_one_line_errors(converted, tmp_path, capsys):
+    """A project checkpoint, another safetensors file, random bytes, text, an empty file: exit 2 and one line
+    naming the file, what it is and what was expected (not a traceback, not torch.load's advice)."""
+    _, ours, _ = converted
+    plain = tmp_path / "plain.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(plain))
+    noise = tmp_path / "noise.pth"
+    noise.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0),
+                                    dtype=torch.uint8).numpy().tobytes())  # fmt: skip
+    text = tmp_path / "notes.pth"
+    text.write_text("hello, not a checkpoint\n")
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    cases = {ours: "already a MiM checkpoint of this project", plain: "a safetensors file",
+             noise: "neither safetensors nor a torch.save file", text: "neither safetensors nor a torch.save file",
+             empty: "an empty file"}  # fmt: skip
+    for path, what in cases.items():
+        assert convert_main([str(path), "-o", str(tmp_path / "out.safetensors")]) == 2, path
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err and "torch.load" not in err, err
+        assert err.startswith(f"mim_nnunet_convert: {path}: {what}") and "expected the MiM authors'" in err, err
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_load_encoder_names_a_file_that_is_not_safetensors(converted, tmp_path):
+    src, _, _ = converted
+    with pytest.raises(CheckpointError) as e:
+        load_encoder(src)  # the authors' .pth itself
+    msg = str(e.value)
+    assert msg.startswith(f"{src}: a torch.save file") and "expected a MiM checkpoint (.safetensors)" in msg
+    assert "mim_nnunet_convert" in msg and "deserializing" not in msg
+    noise = tmp_path / "noise.safetensors"
+    noise.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(CheckpointError, match=r"noise\.safetensors: neither safetensors nor a torch.save file"):
+        load_encoder(noise)
+
+
 def test_missing_extra_and_misshaped_tensors_are_named(tmp_path):
     state, _ = authors_state()
     cases = {

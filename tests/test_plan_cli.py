@@ -91,3 +91,15 @@ def test_fine_tuning_window_replaces_the_checkpoints_in_the_plans(checkpoint, tm
     # The phantoms' foreground fills about a fifth of -1000..1000: the default plans say so, the task plans don't.
     assert "--window LO HI" in default["mim"]["decisions"]["window_hint"]
     assert "window_hint" not in task["mim"]["decisions"]
+
+
+def test_closing_line_names_the_planned_dataset_and_plans(checkpoint, tmp_path):
+    from mim_nnunet.data.phantoms import write_nnunet_dataset
+
+    raw, pre = tmp_path / "raw", tmp_path / "pre"
+    write_nnunet_dataset(raw, 976, "Hint", n_train=2, n_test=0, seed=0, shape_mm=(56.0, 56.0, 56.0))
+    proc = _plan(["-d", "976", "-pt", str(checkpoint), "-npfp", "1", "--no_pp", "-plans_name", "HintPlans"],
+                 nnUNet_raw=str(raw), nnUNet_preprocessed=str(pre), nnUNet_results=str(tmp_path / "res"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.split() == ["nnUNetv2_train", "976", "3d_fullres", "FOLD", "-tr", "nnUNetTrainerMiM", "-p", "HintPlans"]

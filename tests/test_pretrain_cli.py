@@ -234,8 +234,8 @@ def test_sigterm_to_the_process_group_saves_and_exits(phantom_cache, tmp_path):
 def test_resume_reindexes_only_a_cache_with_the_same_settings(phantom_cache):
     """Another run sharing the cache with the same settings may have replaced index.json by its own cases: resume
     indexes this run's inputs again (nothing deleted); other settings are never re-indexed, but refused."""
-    from mim_nnunet.cli.pretrain import _other_cases_indexed
     from mim_nnunet.data.preprocess import PreprocessSettings, cache_identity
+    from mim_nnunet.pretrain.resume import other_cases_indexed as _other_cases_indexed
 
     _, cache = phantom_cache
     mine = cache_identity(cache)

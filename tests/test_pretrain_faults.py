@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 from pretrain_helpers import DATA, RandomCrops, tiny_options
 
 from mim_nnunet.checkpoint import CheckpointError, load_checkpoint, load_resume_state
+from mim_nnunet.pretrain import folder as folder_module
 from mim_nnunet.pretrain import run as run_module
 from mim_nnunet.pretrain.distributed import DistInfo, init_distributed, shutdown
 from mim_nnunet.pretrain.run import (
@@ -84,17 +85,17 @@ def test_kill_between_checkpoint_and_resume_state_falls_back_to_the_previous_pai
 
 
 def test_kill_while_keeping_the_previous_pair_leaves_the_latest(tmp_path, straight, monkeypatch):
-    real = run_module._link_or_copy
+    real = folder_module.link_or_copy
 
     def killed_between_the_links(src, dst):
         if dst.name == CHECKPOINT_PREVIOUS and load_resume_state(src.parent / RESUME_STATE)["step"] == 2:
             raise Killed  # resume_state_previous is new (step 2), checkpoint_previous still old (step 1)
         real(src, dst)
 
-    monkeypatch.setattr(run_module, "_link_or_copy", killed_between_the_links)
+    monkeypatch.setattr(folder_module, "link_or_copy", killed_between_the_links)
     with pytest.raises(Killed):
         run_pretraining(tmp_path, tiny_options(max_steps=4, save_every=1), RandomCrops(), DATA, DistInfo())
-    monkeypatch.setattr(run_module, "_link_or_copy", real)
+    monkeypatch.setattr(folder_module, "link_or_copy", real)
     result = run_pretraining(
         tmp_path, tiny_options(max_steps=4, save_every=1), RandomCrops(), DATA, DistInfo(), resume=True
     )

@@ -40,8 +40,7 @@ def _train_heads_on_unrelated_inputs(align_target: str, align_ema: float, steps:
     g = torch.Generator().manual_seed(1)
     history = []
     for _ in range(steps):
-        model._monitors = {}
-        loss = model._align(
+        loss, monitors = model._align(
             "12", torch.randn(16, 48, generator=g), torch.randn(16, 48, generator=g), torch.arange(16)
         )
         opt.zero_grad()
@@ -51,8 +50,8 @@ def _train_heads_on_unrelated_inputs(align_target: str, align_ema: float, steps:
         history.append(
             (
                 float(loss.detach()),
-                float(model._monitors["collapse_cos12"]),
-                float(model._monitors["collapse_std12"]),
+                float(monitors["collapse_cos12"]),
+                float(monitors["collapse_std12"]),
             )
         )
     return history

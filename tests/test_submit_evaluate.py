@@ -86,6 +86,31 @@ def test_cli_values_and_empty_conventions(folders, tmp_path, capsys):
     assert res["mean"]["1"]["NSD"] == pytest.approx(1.0)
 
 
+def test_targets_are_named_from_dataset_json_or_profile(folders, tmp_path, capsys):
+    ref, pred = folders
+    args = ["-p", str(pred), "-r", str(ref), "--tolerance", "1"]
+    res = evaluate(tmp_path, *args)  # no names known: the values
+    assert [t["name"] for t in res["targets"]] == ["1", "2"]
+    assert "label names" not in capsys.readouterr().out
+    # nnUNetv2_predict leaves the model's dataset.json beside its predictions
+    (pred / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "liver": 1, "spleen": 2}}))
+    res = evaluate(tmp_path, *args)
+    assert [(t["key"], t["name"]) for t in res["targets"]] == [("1", "liver"), ("2", "spleen")]
+    out = capsys.readouterr().out
+    assert "liver (1)" in out and "spleen (2)" in out and f"label names from {pred / 'dataset.json'}" in out
+    # a profile's label names come before a dataset.json found by itself; regions are named by their values
+    res = evaluate(tmp_path, *args, "--profile", "btcv", "--labels", "1,2,1+2")
+    assert [t["name"] for t in res["targets"]] == ["spleen", "right kidney", "1+2"]
+    # an explicit --dataset-json wins; one that is not a dataset.json is an error naming it
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"labels": {"background": 0, "kidneys": [1, 2], "cyst": 2}}))
+    res = evaluate(tmp_path, *args, "--profile", "btcv", "--labels", "1+2,2", "--dataset-json", str(other))
+    assert [t["name"] for t in res["targets"]] == ["kidneys", "cyst"]
+    other.write_text("[1, 2]")
+    assert main(["evaluate", *args, "--dataset-json", str(other)]) == 2
+    assert f"{other}: expected a dataset.json with a 'labels' object" in capsys.readouterr().err
+
+
 def test_dice_agrees_with_nnunet(folders, tmp_path):
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder_simple
 

@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
+    planned = []  # (dataset id, plans name) for the closing hint
     for dataset_id in args.d:
         name = names[dataset_id]
         fingerprint = Path(nnUNet_preprocessed) / name / "dataset_fingerprint.json"
@@ -149,10 +150,10 @@ def main(argv: list[str] | None = None) -> int:
                 dataset_id, plans_name, configurations=args.c, num_processes=[args.np], verbose=args.verbose
             )
         print(f"MiM plans written: {Path(nnUNet_preprocessed) / name / (plans_name + '.json')}")
-    print(
-        "Train with: nnUNetv2_train DATASET 3d_fullres FOLD -tr nnUNetTrainerMiM -p "
-        f"{args.plans_name}  (after: {export_line()})"
-    )
+        planned.append((dataset_id, plans_name))
+    print(f"Train with (FOLD 0-4, or all), after: {export_line()}")
+    for dataset_id, plans_name in planned:
+        print(f"    nnUNetv2_train {dataset_id} 3d_fullres FOLD -tr nnUNetTrainerMiM -p {plans_name}")
     return 0
 
 

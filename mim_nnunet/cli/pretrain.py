@@ -7,9 +7,7 @@ dataset (:mod:`mim_nnunet.data.loader`) -> :func:`mim_nnunet.pretrain.run.run_pr
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import signal
 import sys
 from contextlib import nullcontext
@@ -17,7 +15,17 @@ from dataclasses import fields
 from pathlib import Path
 
 from ..model.config import PRESETS
-from ..pretrain.run import CONFIG, RunOptions, check_run_folder
+from ..pretrain.folder import DEFAULT_CACHE, check_run_folder
+from ..pretrain.resume import (
+    RESUMABLE,
+    ResumeError,
+    absolute_input,
+    begins_instead_of_resuming,
+    other_cases_indexed,
+    resumed_arguments,
+    spacing3,
+)
+from ..pretrain.run import RunOptions
 
 log = logging.getLogger("mim_nnunet.pretrain")
 
@@ -37,25 +45,6 @@ examples:
 The run folder holds checkpoint_final.safetensors (for fine-tuning), checkpoint_latest.safetensors +
 resume_state.pt, train.log, metrics.jsonl, progress.png, previews/ and config.json.
 """
-
-# Options that may change when a run is resumed; the others are fixed by the run's config.json.
-PER_INVOCATION = {"stop_after", "progress"}
-RESUMABLE = {
-    "max_steps",
-    "epochs",
-    "num_workers",
-    "save_every",
-    "log_every",
-    "stop_after",
-    "progress",
-    "precision",
-    "grad_checkpointing",  # execution only: the maths, and so the run, stay the same
-    "dense_execution",
-    "probe",  # the probe only watches: it changes nothing in training
-    "probe_every",
-    "probe_cases",
-}
-
 
 def _int_at_least(minimum: int):
     def parse(text: str) -> int:
@@ -332,57 +321,6 @@ def _options(args: argparse.Namespace) -> RunOptions:
     return RunOptions(**{f.name: getattr(args, f.name) for f in fields(RunOptions)})
 
 
-def absolute_input(spec: str) -> str:
-    """An input spec as stored in config.json: paths and globs made absolute (a resume from another directory
-    must find them), nnU-Net dataset ids and names kept."""
-    if os.path.exists(spec) or any(c in spec for c in "*?["):
-        return os.path.abspath(spec)
-    return spec
-
-
-def _spacing3(values) -> list[float]:
-    values = [float(v) for v in values]
-    return values * 3 if len(values) == 1 else values
-
-
-def _resume_args(args: argparse.Namespace, given: set[str], out: Path) -> argparse.Namespace:
-    path = out / CONFIG
-    try:
-        saved = json.loads(path.read_text())
-        opts, data = saved["options"], saved["data"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"mim_nnunet_pretrain: error: --resume: {path} is not readable ({e})") from None
-    # Values given again must equal the stored ones: a requeued job repeats its whole command line.
-    clash = {k: (opts[k], getattr(args, k)) for k in sorted(given & (set(opts) - RESUMABLE))
-             if json.dumps(getattr(args, k)) != json.dumps(opts[k])}  # fmt: skip
-
-    if "input" in given:
-        old, new = [absolute_input(i) for i in data["inputs"]], [absolute_input(i) for i in args.input]
-        if old != new:
-            clash["input"] = (data["inputs"], new)
-    # (config.json files of older versions hold paths as typed: taken relative to the current directory)
-    if "cache" in given and os.path.abspath(args.cache) != os.path.abspath(data["cache"]):
-        clash["cache"] = (data["cache"], os.path.abspath(args.cache))
-    if "spacing" in given and _spacing3(args.spacing) != _spacing3(data["spacing"]):
-        clash["spacing"] = (data["spacing"], args.spacing)
-    if "window" in given and [float(w) for w in args.window] != [float(w) for w in data["window"]]:
-        clash["window"] = (data["window"], args.window)
-    if clash:
-        detail = "; ".join(f"{k}: run {old!r}, given {new!r}" for k, (old, new) in clash.items())
-        raise SystemExit(
-            f"mim_nnunet_pretrain: error: --resume: {', '.join(clash)} cannot change in a resumed run ({detail}; "
-            f"see {path}); start a new run in another folder instead"
-        )
-    for k, v in opts.items():
-        # stop_after and progress belong to one invocation; the rest is the run's unless given again.
-        if k not in PER_INVOCATION and (k not in given or k not in RESUMABLE):
-            setattr(args, k, v)
-    args.input, args.cache = data["inputs"], data["cache"]
-    args.spacing, args.window = data["spacing"], data["window"]
-    args.saved_cache_identity = data.get("cache_identity", {})
-    return args
-
-
 class _Interrupted(Exception):
     def __init__(self, signum: int):
         self.signum = signum
@@ -398,13 +336,17 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output).absolute()
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite exclude each other")
-    if args.resume and not (out / CONFIG).is_file():
-        if not args.input:
-            parser.error(f"--resume: {out / CONFIG} not found; {out} is not a pre-training run folder")
-        args.resume = False  # a requeued job killed before its run began: begin it
-        print(f"mim_nnunet_pretrain: no run in {out} yet: starting it", file=sys.stderr)
+    try:
+        if begins_instead_of_resuming(out, args.resume, args.input):
+            args.resume = False  # a requeued job killed before its run began: begin it
+            print(f"mim_nnunet_pretrain: no run in {out} yet: starting it", file=sys.stderr)
+    except ResumeError as e:
+        parser.error(f"--resume: {e}")
     if args.resume:
-        args = _resume_args(args, _explicit(argv), out)
+        try:
+            args = resumed_arguments(args, _explicit(argv), out)
+        except ResumeError as e:
+            raise SystemExit(f"mim_nnunet_pretrain: error: --resume: {e}") from None
     elif not args.input:
         parser.error("give at least one -i/--input (or --resume an existing run)")
     if len(args.spacing) not in (1, 3):
@@ -421,21 +363,22 @@ def main(argv: list[str] | None = None) -> int:
     if problem := check_run_folder(out, args.resume, args.overwrite):
         parser.exit(2, f"mim_nnunet_pretrain: error: {problem}\n")
     args.input = [absolute_input(i) for i in args.input]
-    cache = Path(args.cache).absolute() if args.cache else out / "cache"
+    cache = Path(args.cache).absolute() if args.cache else out / DEFAULT_CACHE
 
     # Heavy imports after argument parsing: --help stays instant.
     from ..checkpoint import CheckpointError
     from ..data.cache import cache_user
     from ..data.preprocess import PreprocessSettings
     from ..pretrain.distributed import init_distributed, shutdown
-    from ..pretrain.run import ResumeError, RunFolderError, clear_run_folder, setup_logging
+    from ..pretrain.folder import RunFolderError, clear_run_folder
+    from ..pretrain.run import setup_logging
 
     dist = init_distributed(args.device)
     gone = clear_run_folder(out, logs=True) if args.overwrite and dist.is_main else []  # before the log opens
     setup_logging(out, dist.is_main)
     if gone:
         log.warning("--overwrite: removed %s from %s", ", ".join(gone), out)
-    spacing = _spacing3(args.spacing)
+    spacing = spacing3(args.spacing)
     settings = PreprocessSettings(spacing=tuple(spacing), window=tuple(args.window))
     # rank 0 registers the run as a user of the cache: no other run may empty it meanwhile
     with cache_user(cache, settings.digest(), f"pre-training run {out}") if dist.is_main else nullcontext():
@@ -448,23 +391,17 @@ def main(argv: list[str] | None = None) -> int:
             shutdown(dist)
 
 
-def _other_cases_indexed(cache: Path, saved: dict, settings) -> bool:
-    from ..data.preprocess import cache_identity
-
-    try:
-        now = cache_identity(cache)
-    except RuntimeError:
-        return False
-    return (
-        now["settings_digest"] == now["index_digest"] == settings.digest()
-        and "cases_sha256" in saved
-        and now["cases_sha256"] != saved["cases_sha256"]
-    )
-
-
 def _run(args: argparse.Namespace, out: Path, cache: Path, settings, dist) -> int:
+    from ..data.cache import (
+        FINGERPRINT,
+        INDEX,
+        SKIPPED_TXT,
+        cache_identity,
+        check_cache_identity,
+        load_fingerprint,
+    )
     from ..data.loader import CropDataset
-    from ..data.preprocess import cache_identity, check_cache_identity, load_fingerprint, preprocess_corpus
+    from ..data.preprocess import preprocess_corpus
     from ..pretrain.distributed import any_rank
     from ..pretrain.run import run_pretraining
 
@@ -476,12 +413,12 @@ def _run(args: argparse.Namespace, out: Path, cache: Path, settings, dist) -> in
         previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             saved = getattr(args, "saved_cache_identity", {})
-            if not (args.resume and (cache / "fingerprint.json").is_file()):
+            if not (args.resume and (cache / FINGERPRINT).is_file()):
                 preprocess_corpus(args.input, cache, settings, args.preprocess_workers, args.progress)
-            elif _other_cases_indexed(cache, saved, settings):
+            elif other_cases_indexed(cache, saved, settings):
                 # same settings, but the index lists the cases of another run sharing the cache: index this
                 # run's inputs again (finished cases are reused; nothing is deleted)
-                log.warning("%s/index.json lists another run's cases: indexing this run's inputs again", cache)
+                log.warning("%s lists another run's cases: indexing this run's inputs again", cache / INDEX)
                 preprocess_corpus(args.input, cache, settings, args.preprocess_workers, args.progress)
             if args.resume:  # the run must continue on the data it began with
                 check_cache_identity(cache, saved, settings)
@@ -501,7 +438,7 @@ def _run(args: argparse.Namespace, out: Path, cache: Path, settings, dist) -> in
     if any_rank(failed, dist):  # also the barrier: the other ranks wait here for rank 0's cache
         return 128 + interrupted if interrupted else 2
     if args.preprocess_only:
-        log.info("preprocess only: the cache is %s (fingerprint.json, skipped.txt)", cache)
+        log.info("preprocess only: the cache is %s (%s, %s)", cache, FINGERPRINT, SKIPPED_TXT)
         return 0
     opts = _options(args)
     crops = CropDataset(cache, 2 * PRESETS[args.preset]["input_size"], seed=args.seed)

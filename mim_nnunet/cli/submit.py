@@ -3,7 +3,7 @@
     mim_nnunet_submit -i IMAGES -m MODEL [-m MODEL2 ...] --profile msd -o OUT [--device cpu|cuda]
     mim_nnunet_submit -i IMAGES --profile kits23 --check-only PRED_DIR [-m MODEL | --labels 0,1,2,3]
     mim_nnunet_submit evaluate -p PRED_DIR -r REF_DIR --profile kits23 [-o summary.json]
-    mim_nnunet_submit evaluate -p PRED_DIR -r REF_DIR --tolerance 2 [--labels 1,2+3] [--empty one]
+    mim_nnunet_submit evaluate -p PRED_DIR -r REF_DIR --tolerance 2 [--labels 1,2+3] [--empty one] [--dataset-json F]
     mim_nnunet_submit profiles
 
 Exit codes: 0 valid / done, 1 validation failed (nothing zipped), 2 bad arguments, profile or model.
@@ -12,14 +12,16 @@ Exit codes: 0 valid / done, 1 validation failed (nothing zipped), 2 bad argument
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import sys
+from pathlib import Path
 
-from mim_nnunet.submission.evaluate import evaluate_folders, format_table, save_result
+from mim_nnunet.submission.evaluate import evaluate_folders, format_table, label_names, save_result
 from mim_nnunet.submission.pipeline import OutputExistsError, check_only, submit
 from mim_nnunet.submission.predict import ModelError
-from mim_nnunet.submission.profiles import ProfileError, available_profiles, load_profile
+from mim_nnunet.submission.profiles import Profile, ProfileError, available_profiles, load_profile
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 
@@ -170,24 +172,64 @@ def evaluate_parser() -> argparse.ArgumentParser:
         help="both masks empty: 'one' scores 1 (KiTS23, FLARE), 'nan' leaves the case out of the mean "
         "(nnU-Net); default: the profile's, else nan",
     )
+    p.add_argument(
+        "--dataset-json",
+        help="nnU-Net dataset.json whose label names name the targets (default: the profile's label names, else "
+        "PRED_DIR/dataset.json as nnUNetv2_predict writes it, else the dataset.json beside REF_DIR; targets "
+        "without a name are shown by their values)",
+    )
     p.add_argument("--allow-missing", action="store_true", help="skip references without a prediction")
     p.add_argument("-o", "--output", help="write the full result as JSON")
     return p
 
 
+def _read_dataset_labels(path: Path) -> dict:
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable JSON file ({e})") from None
+    labels = content.get("labels") if isinstance(content, dict) else None
+    if not isinstance(labels, dict):
+        raise ValueError(
+            f"{path}: expected a dataset.json with a 'labels' object ({{name: value}}), got a "
+            f"{type(content).__name__}" + (f" with keys {sorted(content)[:8]}" if isinstance(content, dict) else "")
+        )
+    return labels
+
+
+def _target_names(args: argparse.Namespace, profile: Profile | None) -> tuple[dict[tuple[int, ...], str], str | None]:
+    """{values: name} for the evaluation table and where the names came from (None: no names known)."""
+    if args.dataset_json:
+        return label_names(_read_dataset_labels(Path(args.dataset_json))), args.dataset_json
+    if profile is not None and profile.labels:
+        return label_names(profile.labels), f"profile {profile.name}"
+    for found in (Path(args.pred) / "dataset.json", Path(args.ref).resolve().parent / "dataset.json"):
+        if found.is_file():
+            try:
+                return label_names(_read_dataset_labels(found)), str(found)
+            except ValueError as e:
+                print(f"warning: {e}; targets shown by their values", file=sys.stderr)
+    return {}, None
+
+
 def _run_evaluate(argv: list[str]) -> int:
     args = evaluate_parser().parse_args(argv)
     try:
-        spec = load_profile(args.profile).evaluation if args.profile else None
+        profile = load_profile(args.profile) if args.profile else None
+        spec = profile.evaluation if profile else None
         if args.profile and spec is None and args.tolerance is None:
             raise ProfileError(f"profile {args.profile!r} has no evaluation block: pass --tolerance MM")
+        names, names_from = _target_names(args, profile)
         result = evaluate_folders(
-            args.pred, args.ref, args.tolerance, args.labels, args.allow_missing, spec=spec, empty=args.empty
+            args.pred, args.ref, args.tolerance, args.labels, args.allow_missing, spec=spec, empty=args.empty,
+            names=names,
         )
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     print(format_table(result))
+    if names_from is not None:
+        print(f"(label names from {names_from})")
     if args.output:
         save_result(result, args.output)
     return EXIT_OK
@@ -212,6 +254,24 @@ def _run_profiles() -> int:
             print(f"    rule: {rule}")
     print(TRUST)
     return EXIT_OK
+
+
+def submit_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments of :func:`mim_nnunet.submission.pipeline.submit` that ``args`` (of
+    :func:`submit_parser`) gives, besides images, models, profile and output; the container entry uses it too."""
+    return {
+        "folds": args.folds,
+        "checkpoint": args.checkpoint,
+        "postprocessing": args.postprocessing,
+        "device": args.device,
+        "tta": not args.disable_tta,
+        "step_size": args.step_size,
+        "num_processes": args.num_processes,
+        "label_map": args.label_map,
+        "map_labels_by_name": args.map_labels_by_name,
+        "user_vars": dict(args.var),
+        "overwrite": args.overwrite,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -247,17 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             args.model,
             profile,
             args.output,
-            folds=args.folds,
-            checkpoint=args.checkpoint,
-            postprocessing=args.postprocessing,
-            device=args.device,
-            tta=not args.disable_tta,
-            step_size=args.step_size,
-            num_processes=args.num_processes,
-            label_map=args.label_map,
-            map_labels_by_name=args.map_labels_by_name,
-            user_vars=user_vars,
-            overwrite=args.overwrite,
+            **submit_options(args),
             argv=["mim_nnunet_submit", *argv],
         )
     except (ProfileError, ModelError, OutputExistsError) as e:

@@ -16,28 +16,44 @@ Layout of a cache folder::
 Volumes are stored as unsigned integers: ``q = round(x * levels)`` with x in [0, 1]. With the default window
 [-1000, 1000] and uint16 that is 1 HU per step, and blosc2 (bitshuffle + zstd) stores it in less space than the
 int16 input. Chunks of 64^3 and blocks of 16^3 let a random crop decompress only the blocks it touches.
-This module knows files and arrays only.
+This module owns the layout: every file name of a cache is a constant or a function here, and nothing else
+names them (tests/test_architecture.py checks). It also answers what a run trained on (:func:`cache_identity`,
+:func:`check_cache_identity`). It knows files and arrays only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import socket
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import blosc2
 import numpy as np
 
+from ..atomic import atomic_write, atomic_write_json
+
+if TYPE_CHECKING:
+    from .preprocess import PreprocessSettings
+
 log = logging.getLogger(__name__)
 
 CHUNKS = 64
+SETTINGS = "settings.json"
+INDEX = "index.json"
+FINGERPRINT = "fingerprint.json"
+SKIPPED_TXT = "skipped.txt"
+SKIPPED_JSON = "skipped.json"
+CASES = "cases"
 USERS = "users"
+# the files of one case (:func:`case_paths`); ``.tmp``: a write cut short (mim_nnunet.atomic)
+CASE_SUFFIXES = (".b2nd", ".json", ".hu.npy", ".tmp")
 BLOCKS = 16
 DTYPE_LEVELS = {
     "uint8": 255,
@@ -46,8 +62,18 @@ DTYPE_LEVELS = {
 
 
 def case_paths(cache_dir: str | Path, case_id: str) -> tuple[Path, Path, Path]:
-    d = Path(cache_dir) / "cases"
-    return d / f"{case_id}.b2nd", d / f"{case_id}.json", d / f"{case_id}.hu.npy"
+    d = Path(cache_dir) / CASES
+    return (
+        d / f"{case_id}{CASE_SUFFIXES[0]}",
+        d / f"{case_id}{CASE_SUFFIXES[1]}",
+        d / f"{case_id}{CASE_SUFFIXES[2]}",
+    )
+
+
+def case_files(cache_dir: str | Path) -> list[Path]:
+    """Every file of the cached cases (volumes, metadata, HU samples, temporaries), for emptying the cache."""
+    d = Path(cache_dir) / CASES
+    return [p for p in d.glob("*") if p.name.endswith(CASE_SUFFIXES)] if d.is_dir() else []
 
 
 def quantise(x01: np.ndarray, dtype: str) -> np.ndarray:
@@ -57,22 +83,19 @@ def quantise(x01: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def write_volume(path: Path, q: np.ndarray) -> None:
-    """Write atomically (temp + rename): a killed run never leaves a half-written volume under the final name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write atomically (:mod:`mim_nnunet.atomic`): a killed run never leaves a half-written volume under the final
+    name."""
     chunks = tuple(min(CHUNKS, s) for s in q.shape)
     blocks = tuple(min(BLOCKS, c) for c in chunks)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".b2nd.tmp")
-    os.close(fd)
-    os.remove(tmp)  # blosc2 refuses to overwrite in some versions; it creates the file itself
     cparams = {"codec": blosc2.Codec.ZSTD, "clevel": 5, "filters": [blosc2.Filter.BITSHUFFLE], "nthreads": 1}
-    try:
+
+    def write(tmp: str) -> None:
+        os.remove(tmp)  # blosc2 refuses to overwrite in some versions; it creates the file itself
         blosc2.asarray(
             np.ascontiguousarray(q), urlpath=tmp, mode="w", chunks=chunks, blocks=blocks, cparams=cparams
         )
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+    atomic_write(path, write)
 
 
 def open_volume(path: str | Path):
@@ -84,27 +107,75 @@ def read_volume(path: str | Path) -> np.ndarray:
     return open_volume(path)[...]
 
 
-def _umask_mode(mode: int = 0o666) -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mode & ~mask
-
-
 def write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json.tmp")
-    os.fchmod(fd, _umask_mode())  # mkstemp's 0600 would survive the rename: other users could not read the cache
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_json(path, obj)
 
 
 def read_json(path: str | Path):
     return json.loads(Path(path).read_text())
+
+
+# ------------------------------------------------------------------------------------ what a run trained on
+
+
+def load_fingerprint(cache_dir: str | Path) -> dict:
+    path = Path(cache_dir) / FINGERPRINT
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: run preprocessing (mim_nnunet.data.preprocess_corpus) into {cache_dir} first"
+        )
+    return read_json(path)
+
+
+def cache_identity(cache_dir: str | Path) -> dict:
+    """What a run trained on: the settings digest of the cache and its case ids (count and sha256 of the sorted
+    list). A resumed run must find the same (:func:`check_cache_identity`)."""
+    cache_dir = Path(cache_dir)
+    try:
+        settings = read_json(cache_dir / SETTINGS)
+        index = read_json(cache_dir / INDEX)
+    except (OSError, ValueError) as e:
+        raise RuntimeError(f"{cache_dir}: not a complete preprocessed cache ({e})") from None
+    cases = sorted(index.get("cases", []))
+    return {
+        "settings_digest": settings.get("digest"),
+        "index_digest": index.get("settings_digest"),
+        "spacing": settings.get("spacing"),
+        "window": settings.get("window"),
+        "num_cases": len(cases),
+        "cases_sha256": hashlib.sha256("\n".join(cases).encode()).hexdigest(),
+    }
+
+
+def check_cache_identity(cache_dir: str | Path, expected: dict, settings: PreprocessSettings) -> None:
+    """Raise ``RuntimeError`` (one line, naming both sides) unless ``cache_dir`` holds the data of ``expected``
+    (a :func:`cache_identity` recorded earlier; may be empty for runs that recorded none) preprocessed with
+    ``settings``."""
+    now = cache_identity(cache_dir)
+    want = {"settings_digest": settings.digest(), "index_digest": settings.digest()}
+    want |= {k: expected[k] for k in ("settings_digest", "num_cases", "cases_sha256") if k in expected}
+    diff = [k for k, v in want.items() if now.get(k) != v]
+    if diff:
+        raise RuntimeError(
+            f"cache {cache_dir} no longer holds this run's data: {', '.join(diff)} differ (run: spacing "
+            f"{list(settings.spacing)}, window {list(settings.window)}, digest {want['settings_digest']}, "
+            f"{expected.get('num_cases', '?')} cases; cache now: spacing {now['spacing']}, window {now['window']}, "
+            f"digest {now['settings_digest']}, {now['num_cases']} cases); another run rewrote it: restore it "
+            "with this run's inputs and settings (--preprocess-only into the same --cache), or start a new run"
+        )
+
+
+def cached_cases(cache_dir: str | Path) -> list[dict]:
+    """Metadata of the cases of the last run (``index.json``), checked against the cache's settings."""
+    cache_dir = Path(cache_dir)
+    index_path = cache_dir / INDEX
+    if not index_path.is_file():
+        raise FileNotFoundError(f"{index_path} not found: {cache_dir} is not a preprocessed cache")
+    index = read_json(index_path)
+    digest = read_json(cache_dir / SETTINGS).get("digest")
+    if index.get("settings_digest") != digest:
+        raise RuntimeError(f"{cache_dir}: {INDEX} was written with other settings; preprocess again")
+    return [read_json(case_paths(cache_dir, c)[1]) for c in index["cases"]]
 
 
 # ------------------------------------------------------------------------------------------ who uses a cache

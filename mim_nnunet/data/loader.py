@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cache import case_paths, open_volume
-from .preprocess import cached_cases
+from .cache import cached_cases, case_paths, open_volume
 
 
 def random_crop_box(

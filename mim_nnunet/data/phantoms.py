@@ -361,7 +361,7 @@ def write_nnunet_dataset(
     return folder
 
 
-# --- is each organ a fair test? (issue 10: visible to a network, not found by a threshold) -----------------
+# --- is each organ a fair test? (visible to a network, not found by a threshold) ---------------------------
 
 
 def organ_cnr(image: np.ndarray, label: np.ndarray, organ: int, spacing_zyx, shell_mm: float = 4.0) -> float:

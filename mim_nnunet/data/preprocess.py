@@ -4,7 +4,7 @@ Per case: read with SimpleITK exactly as nnU-Net's ``SimpleITKIO`` does (``GetAr
 spacing reversed, *no* reorientation, so pre-training sees volumes the way nnU-Net fine-tuning will), check it
 (bad input is skipped with a one-line reason, never fatal, never silent), crop to the body, resample to the
 target spacing with nnU-Net's own data resampling (order 3, separate z for anisotropic spacing), map the HU
-window to [0, 1], quantise and store (:mod:`.cache`). The corpus gets a fingerprint (``fingerprint.json``).
+window to [0, 1], quantise and store (:mod:`.cache`, which owns the file names). The corpus gets a fingerprint.
 
 Re-running skips finished cases; a changed :class:`PreprocessSettings` digest (spacing, window, storage, code
 format version) invalidates the cache, unless another live process uses it (:func:`.cache.cache_user`): then
@@ -45,10 +45,20 @@ from tqdm import tqdm
 
 from .cache import (
     DTYPE_LEVELS,
+    FINGERPRINT,
+    INDEX,
+    SETTINGS,
+    SKIPPED_JSON,
+    SKIPPED_TXT,
     CacheInUseError,
+    cache_identity,  # noqa: F401 -- this and the three below: re-exported, callers imported them from here
     cache_user,
+    cached_cases,  # noqa: F401
+    case_files,
     case_paths,
+    check_cache_identity,  # noqa: F401
     describe_user,
+    load_fingerprint,  # noqa: F401
     other_users,
     quantise,
     read_json,
@@ -397,7 +407,7 @@ def _is_done(src: CaseSource, cache_dir: Path, digest: str) -> dict | None:
 
 def _invalidate(cache_dir: Path, settings: PreprocessSettings) -> None:
     """A cache written with other settings is emptied (its case files only) before anything is written."""
-    sfile = cache_dir / "settings.json"
+    sfile = cache_dir / SETTINGS
     if sfile.is_file():
         old = read_json(sfile)
         if old.get("digest") != settings.digest():
@@ -410,12 +420,10 @@ def _invalidate(cache_dir: Path, settings: PreprocessSettings) -> None:
                     f"{describe_user(holder, path)}; refusing to empty it: give another --cache, or wait for that "
                     "process to end"
                 )
-            cases = cache_dir / "cases"
             n = 0
-            for p in cases.glob("*") if cases.is_dir() else ():
-                if p.name.endswith((".b2nd", ".json", ".hu.npy", ".tmp")):
-                    p.unlink()
-                    n += 1
+            for p in case_files(cache_dir):
+                p.unlink()
+                n += 1
             log.warning(
                 "cache %s was written with other settings (digest %s, now %s): removed %d files",
                 cache_dir, old.get("digest"), settings.digest(), n,
@@ -577,80 +585,20 @@ def _preprocess_corpus(
             for p in case_paths(cache_dir, src.case_id):
                 p.unlink(missing_ok=True)
 
-    (cache_dir / "skipped.txt").write_text("".join(f"{src}\t{reason}\n" for src, reason in skipped))
-    write_json(cache_dir / "skipped.json", [{"source": s_, "reason": r} for s_, r in skipped])
+    (cache_dir / SKIPPED_TXT).write_text("".join(f"{src}\t{reason}\n" for src, reason in skipped))
+    write_json(cache_dir / SKIPPED_JSON, [{"source": s_, "reason": r} for s_, r in skipped])
     for src, reason in skipped:
         log.warning("skipped %s: %s", src, reason)
     cases = sorted(metas)
     if not cases:
         raise CorpusError(
             f"no valid case left in {list(inputs) if not isinstance(inputs, str) else [inputs]}: "
-            f"{len(skipped)} skipped, see {cache_dir / 'skipped.txt'}"
+            f"{len(skipped)} skipped, see {cache_dir / SKIPPED_TXT}"
         )
     ordered = [metas[c] for c in cases]
     fingerprint = compute_fingerprint(ordered, cache_dir, settings, len(skipped))
-    write_json(cache_dir / "fingerprint.json", fingerprint)
-    write_json(cache_dir / "index.json", {"settings_digest": digest, "cases": cases})
+    write_json(cache_dir / FINGERPRINT, fingerprint)
+    write_json(cache_dir / INDEX, {"settings_digest": digest, "cases": cases})
     report = CorpusReport(cases, skipped, fingerprint, cache_dir, reused)
     log.info("%s", report.summary())
     return report
-
-
-def load_fingerprint(cache_dir: str | Path) -> dict:
-    path = Path(cache_dir) / "fingerprint.json"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: run preprocessing (preprocess_corpus) into {cache_dir} first"
-        )
-    return read_json(path)
-
-
-def cache_identity(cache_dir: str | Path) -> dict:
-    """What a run trained on: the settings digest of the cache and its case ids (count and sha256 of the sorted
-    list). A resumed run must find the same (:func:`check_cache_identity`)."""
-    cache_dir = Path(cache_dir)
-    try:
-        settings = read_json(cache_dir / "settings.json")
-        index = read_json(cache_dir / "index.json")
-    except (OSError, ValueError) as e:
-        raise RuntimeError(f"{cache_dir}: not a complete preprocessed cache ({e})") from None
-    cases = sorted(index.get("cases", []))
-    return {
-        "settings_digest": settings.get("digest"),
-        "index_digest": index.get("settings_digest"),
-        "spacing": settings.get("spacing"),
-        "window": settings.get("window"),
-        "num_cases": len(cases),
-        "cases_sha256": hashlib.sha256("\n".join(cases).encode()).hexdigest(),
-    }
-
-
-def check_cache_identity(cache_dir: str | Path, expected: dict, settings: PreprocessSettings) -> None:
-    """Raise ``RuntimeError`` (one line, naming both sides) unless ``cache_dir`` holds the data of ``expected``
-    (a :func:`cache_identity` recorded earlier; may be empty for runs that recorded none) preprocessed with
-    ``settings``."""
-    now = cache_identity(cache_dir)
-    want = {"settings_digest": settings.digest(), "index_digest": settings.digest()}
-    want |= {k: expected[k] for k in ("settings_digest", "num_cases", "cases_sha256") if k in expected}
-    diff = [k for k, v in want.items() if now.get(k) != v]
-    if diff:
-        raise RuntimeError(
-            f"cache {cache_dir} no longer holds this run's data: {', '.join(diff)} differ (run: spacing "
-            f"{list(settings.spacing)}, window {list(settings.window)}, digest {want['settings_digest']}, "
-            f"{expected.get('num_cases', '?')} cases; cache now: spacing {now['spacing']}, window {now['window']}, "
-            f"digest {now['settings_digest']}, {now['num_cases']} cases); another run rewrote it: restore it "
-            "with this run's inputs and settings (--preprocess-only into the same --cache), or start a new run"
-        )
-
-
-def cached_cases(cache_dir: str | Path) -> list[dict]:
-    """Metadata of the cases of the last run (``index.json``), checked against the cache's settings."""
-    cache_dir = Path(cache_dir)
-    index_path = cache_dir / "index.json"
-    if not index_path.is_file():
-        raise FileNotFoundError(f"{index_path} not found: {cache_dir} is not a preprocessed cache")
-    index = read_json(index_path)
-    digest = read_json(cache_dir / "settings.json").get("digest")
-    if index.get("settings_digest") != digest:
-        raise RuntimeError(f"{cache_dir}: index.json was written with other settings; preprocess again")
-    return [read_json(case_paths(cache_dir, c)[1]) for c in index["cases"]]

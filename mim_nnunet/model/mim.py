@@ -21,9 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..losses import alignment_loss, reconstruction_loss
+from ..losses import alignment_loss, collapse_signal, reconstruction_loss
 from ..masking import LevelInput, mask_in_mask, octant_tokens
-from ..pretrain.monitor import collapse_signal
 from .config import TOKEN_SIZE, MiMConfig
 from .encoder import HybridEncoder
 from .layers import Block
@@ -113,7 +112,6 @@ class MiMPretrainingModel(nn.Module):
         # align_target="ema" (BYOL-style, see _align): the target is a frozen EMA copy of the parent head; its
         # weights are parameters without gradient, so they are in the checkpoint (and so in every resume).
         self.align_targets = nn.ModuleDict()
-        self._monitors: dict[str, torch.Tensor] = {}  # filled by forward_loss (collapse watch), returned by forward
         if cfg.align_target == "ema":
             for name in [k for k in self.align_heads if k.startswith("parent")]:
                 self.align_targets[name] = copy.deepcopy(self.align_heads[name]).requires_grad_(False)
@@ -185,9 +183,12 @@ class MiMPretrainingModel(nn.Module):
         feats, preds = self.forward_decoder(*self.forward_encoder(x, m))
         return list(zip(feats.split(sizes), preds.split(sizes)))
 
-    def forward_loss(self, levels: list[LevelInput], results: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    def forward_loss(
+        self, levels: list[LevelInput], results: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The losses by name, and the no-gradient monitors of the alignment (collapse watch) by name."""
         cfg = self.config
-        losses = {}
+        losses, monitors = {}, {}
         for i, (lv, (_, pred)) in enumerate(zip(levels, results)):
             losses[f"rec{i + 1}"] = reconstruction_loss(pred, lv.inputs, lv.masks, cfg.norm_pix_loss)
         feats = [f for f, _ in results]
@@ -196,18 +197,23 @@ class MiMPretrainingModel(nn.Module):
             lv2 = levels[1]
             region = self.octant_tokens[lv2.parents]  # (M2, L/8)
             parent = feats[0][lv2.parent_volume[:, None], region].mean(dim=1)
-            losses["align12"] = self._align("12", feats[1].mean(dim=1), parent, lv2.parent_volume)
+            losses["align12"], m12 = self._align("12", feats[1].mean(dim=1), parent, lv2.parent_volume)
+            monitors |= m12
         if cfg.levels >= 3:
             # Parent of a level-3 volume: the level-2 decoder feature of the token its patch was cut from
             # (the finer of the two choices in mim_method.md §4: exactly the child's region).
             lv3 = levels[2]
             parent = feats[1][lv3.parents[:, 0], lv3.parents[:, 1]]
             crop = levels[1].parent_volume[lv3.parents[:, 0]]
-            losses["align23"] = self._align("23", feats[2].mean(dim=1), parent, crop)
-        return losses
+            losses["align23"], m23 = self._align("23", feats[2].mean(dim=1), parent, crop)
+            monitors |= m23
+        return losses, monitors
 
-    def _align(self, pair: str, child: torch.Tensor, parent: torch.Tensor, crop: torch.Tensor) -> torch.Tensor:
-        """The alignment loss of one level pair; records the collapse signal (:mod:`..pretrain.monitor`).
+    def _align(
+        self, pair: str, child: torch.Tensor, parent: torch.Tensor, crop: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The alignment loss of one level pair and its collapse signal (:func:`..losses.collapse_signal`):
+        ``collapse_cos{pair}``, ``collapse_std{pair}``.
 
         ``online`` (the paper): child head on the child, parent head on the detached parent, both trained.
         ``ema`` (BYOL-style): the parent head is the projector and the child head the predictor of the online
@@ -221,10 +227,8 @@ class MiMPretrainingModel(nn.Module):
         else:
             online = self.align_heads[f"child{pair}"](child)
             target = self.align_heads[f"parent{pair}"](parent.detach())
-        self._monitors[f"collapse_cos{pair}"], self._monitors[f"collapse_std{pair}"] = collapse_signal(
-            online, target, crop
-        )
-        return alignment_loss(online, target)
+        cos, std = collapse_signal(online, target, crop)
+        return alignment_loss(online, target), {f"collapse_cos{pair}": cos, f"collapse_std{pair}": std}
 
     @torch.no_grad()
     def update_align_targets(self) -> None:
@@ -245,10 +249,9 @@ class MiMPretrainingModel(nn.Module):
         """``crops``: ``(N, C, 2S, 2S, 2S)`` at the pre-training spacing, intensities in [0, 1]."""
         levels = self.make_levels(crops, generator)
         results = self._encode_decode(levels)
-        self._monitors = {}
-        losses = self.forward_loss(levels, results)
+        losses, monitors = self.forward_loss(levels, results)
         out = [
             LevelOutput(lv.inputs, lv.masks, pred, lv.parents, lv.parent_volume)
             for lv, (_, pred) in zip(levels, results)
         ]
-        return MiMOutput(out, losses, self.total_loss(losses), self._monitors)
+        return MiMOutput(out, losses, self.total_loss(losses), monitors)

@@ -12,7 +12,7 @@ nnU-Net's deep supervision; the constructor takes nnU-Net's ``input_channels``, 
 Any patch size whose axes are multiples of 16 works. The encoder's position-embedding buffer is built for the
 ``patch_size`` token grid; the fine-tuning loader overwrites it with the checkpoint's table adapted to that grid.
 
-``feature_norm`` says how the encoder's four feature maps are normalised before the decoder (issue 9, point 7):
+``feature_norm`` says how the encoder's four feature maps are normalised before the decoder:
 ``"final"`` applies the pre-training final ``norm`` (learned LayerNorm) to the token map only and passes the conv
 stages as they are; ``"per_map"`` drops that norm and normalises each of the four maps over its channels with a
 parameter-free LayerNorm, as the authors' fine-tuning backbone does (authors_checkpoint.md). The choice is in the

@@ -1,4 +1,4 @@
-"""Memory model of the segmentation network for the planner's patch/batch choice (issue 4, plans decision).
+"""Memory model of the segmentation network for the planner's patch/batch choice (a plans decision).
 
 Owns one estimate: bytes needed to train :class:`MiMSegmentationNetwork` on a patch at a batch size. It runs the
 network once on the ``meta`` device (shapes only: no memory, no compute) and sums the output sizes of every leaf

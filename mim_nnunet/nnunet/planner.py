@@ -1,4 +1,4 @@
-"""The MiM experiment planner: nnU-Net plans from the dataset fingerprint *and* a MiM checkpoint (issue 4).
+"""The MiM experiment planner: nnU-Net plans from the dataset fingerprint *and* a MiM checkpoint.
 
 Owns every planning decision, each visible in the plans JSON (``configurations['3d_fullres']`` and the top-level
 ``mim`` record with the reasons). The decisions are pure functions of the fingerprint, the checkpoint metadata and

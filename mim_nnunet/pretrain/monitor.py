@@ -17,30 +17,13 @@ Read together with the matched cosine ``1 - align/2``: alignment carries informa
 cosine stays clearly above the unrelated one.
 
 Both are computed without gradient from the tensors the loss already has: no extra forward pass.
-This module owns the arithmetic only; the model decides which features are pairs (:mod:`mim_nnunet.model.mim`).
+The arithmetic lives with the losses (:func:`mim_nnunet.losses.collapse_signal`, pure torch, so the model needs
+nothing from the engine); the model decides which features are pairs (:mod:`mim_nnunet.model.mim`) and returns the
+values in ``MiMOutput.monitors``; this module keeps the explanation and the name for the engine's callers.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from ..losses import collapse_signal
 
-
-@torch.no_grad()
-def collapse_signal(
-    child: torch.Tensor, parent: torch.Tensor, crop: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``child``, ``parent``: head outputs ``(M, D)`` of the M aligned pairs; ``crop``: ``(M,)`` crop index of each.
-
-    Returns ``(unrelated cosine, normalised std)`` as 0-d float tensors (see the module docstring).
-    """
-    c = F.normalize(child.detach().float(), dim=-1)
-    p = F.normalize(parent.detach().float(), dim=-1)
-    m = c.shape[0]
-    unrelated = crop[:, None] != crop[None, :]
-    if not bool(unrelated.any()):  # one crop in the batch: the non-matching pairs of that crop
-        unrelated = ~torch.eye(m, dtype=torch.bool, device=c.device)
-    cos = c @ p.T
-    unrelated_cos = cos[unrelated].mean() if bool(unrelated.any()) else cos.new_tensor(float("nan"))
-    std = p.std(dim=0).mean() * p.shape[1] ** 0.5 if m > 1 else p.new_tensor(float("nan"))
-    return unrelated_cos, std
+__all__ = ["collapse_signal"]

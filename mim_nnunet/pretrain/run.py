@@ -1,32 +1,19 @@
-"""A pre-training run: its folder, options, checkpoints and resume, and :func:`run_pretraining` that drives
-:func:`.engine.train_steps`.
+"""A pre-training run: :func:`run_pretraining` builds the model, restores a checkpoint, and drives
+:func:`.engine.train_steps`, saving and reporting as it goes.
 
-Layout of the run folder::
+The run folder's files are :mod:`.folder`'s, what may change on resume :mod:`.resume`'s. Only rank 0 writes; every
+rank reaches every collective (barriers included). The weights are written before the resume state, and the
+resume state records the sha256 of the weights it belongs to, so a kill between the two writes is detected on
+resume instead of silently continuing from a mismatched optimizer state. Before a new pair is written, the
+complete one on disk is kept as the ``previous`` pair; resume falls back to it (with a warning) when the latest
+pair is incomplete, so a kill at any point of a save leaves a way on.
 
-    config.json                    options, model config, data settings, derived values (lr, steps, precision)
-    checkpoint_latest.safetensors  weights + metadata (mim_nnunet.checkpoint), every --save-every steps
-    checkpoint_final.safetensors   the same at the end of the schedule: the file fine-tuning uses
-    resume_state.pt                optimizer, scaler, schedule, data position and seeds of checkpoint_latest
-    checkpoint_previous.safetensors + resume_state_previous.pt   the pair before (hard links where possible)
-    train.log, metrics.jsonl       the log; one JSON line of losses, lr and throughput per optimizer step
-    progress.png                   losses and lr over steps
-    previews/step_XXXXX_level{1,2,3}.png  reconstruction of a fixed crop at every checkpoint
-
-Only rank 0 writes; every rank reaches every collective (barriers included). The weights are written before
-the resume state, and the resume state records the sha256 of the weights it belongs to, so a kill between the
-two writes is detected on resume instead of silently continuing from a mismatched optimizer state. Before a new
-pair is written, the complete one on disk is kept as the ``previous`` pair; resume falls back to it (with a
-warning) when the latest pair is incomplete, so a kill at any point of a save leaves a way on.
-
-A new run refuses a folder that already holds a run (:func:`check_run_folder`) unless asked to overwrite it.
+A new run refuses a folder that already holds a run (:func:`.folder.check_run_folder`) unless asked to overwrite it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
 import signal
 import sys
 import time
@@ -40,46 +27,39 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .. import __version__, build_pretraining_model
-from ..checkpoint import (
-    CheckpointError,
-    CheckpointMetadata,
-    check_state_dict,
-    load_checkpoint,
-    load_resume_state,
-    save_checkpoint,
-    save_resume_state,
-)
-from ..model.config import EXECUTION_FIELDS, TOKEN_SIZE, MiMConfig
+from ..checkpoint import CheckpointError, CheckpointMetadata, save_checkpoint, save_resume_state
+from ..model.config import TOKEN_SIZE
 from ..plots import plot_progress, save_previews
 from .distributed import DistInfo, any_rank
 from .engine import AUTOCAST, train_steps
+from .folder import (  # noqa: F401 -- names callers imported from here before the folder had its module
+    CHECKPOINT_FINAL,
+    CHECKPOINT_LATEST,
+    CHECKPOINT_PREVIOUS,
+    CONFIG,
+    LOG,
+    METRICS,
+    PREVIEWS,
+    PROGRESS,
+    RESUME_STATE,
+    RESUME_STATE_PREVIOUS,
+    RUN_FILES,
+    RunFolderError,
+    append_metrics,
+    check_run_folder,
+    clear_run_folder,
+    keep_previous_pair,
+    open_metrics,
+    read_metrics,
+    remove_temporaries,
+    reset_metrics,
+    write_config,
+)
 from .optim import build_optimizer, lr_at, scaled_lr
+from .resume import RESUME_FORMAT, ResumeError, data_position, restore
 from .sampler import CropOrder, EpochCrops, ignore_stop_signals
 
 log = logging.getLogger("mim_nnunet.pretrain")
-
-CHECKPOINT_LATEST = "checkpoint_latest.safetensors"
-CHECKPOINT_FINAL = "checkpoint_final.safetensors"
-RESUME_STATE = "resume_state.pt"
-CHECKPOINT_PREVIOUS = "checkpoint_previous.safetensors"
-RESUME_STATE_PREVIOUS = "resume_state_previous.pt"
-CONFIG = "config.json"
-METRICS = "metrics.jsonl"
-LOG = "train.log"
-PROGRESS = "progress.png"
-PREVIEWS = "previews"
-RESUME_FORMAT = 1
-# Files that make a folder a run (a preprocess-only invocation leaves train.log and cache/, which do not count).
-RUN_FILES = (CONFIG, CHECKPOINT_LATEST, CHECKPOINT_FINAL, RESUME_STATE, CHECKPOINT_PREVIOUS, RESUME_STATE_PREVIOUS,
-             METRICS)  # fmt: skip
-
-
-class ResumeError(ValueError):
-    """A run that cannot continue (other data, other model, nothing usable saved); one line naming the files."""
-
-
-class RunFolderError(ValueError):
-    """A new run pointed at a folder that already holds one."""
 
 # Measured with benchmarks/bench_precision.py on the project's 2-core AVX-512 CPU: bf16 autocast took 1.99x the
 # fp32 step time for `small` and 7.6x for `tiny` (docs/pretraining.md); mim_method.md §8 found it slower for
@@ -220,170 +200,6 @@ class StopRequest:
             signal.signal(s, handler)
 
 
-def read_metrics(out_dir: Path, up_to_step: int | None = None) -> list[dict]:
-    """The records of ``metrics.jsonl``; a line that is not a whole record (a kill mid-write) is skipped with a
-    warning."""
-    path = out_dir / METRICS
-    if not path.is_file():
-        return []
-    records = []
-    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            int(record["step"])
-        except (ValueError, KeyError, TypeError):
-            log.warning("%s: line %d is not a complete record (%.60r), skipped", path, n, line)
-            continue
-        records.append(record)
-    return [r for r in records if up_to_step is None or r["step"] <= up_to_step]
-
-
-def check_run_folder(out: str | Path, resume: bool, overwrite: bool) -> str | None:
-    """Why a run may not start in ``out`` (one line), or None. A new run needs a folder without a run in it."""
-    out = Path(out)
-    if resume and overwrite:
-        return "--resume and --overwrite exclude each other"
-    found = [n for n in RUN_FILES if (out / n).exists()]
-    if found and not (resume or overwrite):
-        return (
-            f"{out} already holds a run ({', '.join(found)}); continue it with --resume, replace it with "
-            "--overwrite, or give another -o"
-        )
-    return None
-
-
-def clear_run_folder(out: str | Path, logs: bool = False) -> list[str]:
-    """Remove a run's files from ``out`` (``--overwrite``); the cache, if inside, stays. Returns what went."""
-    out = Path(out)
-    gone = []
-    for name in (*RUN_FILES, PROGRESS, *((LOG,) if logs else ())):
-        if (out / name).exists():
-            (out / name).unlink()
-            gone.append(name)
-    if (out / PREVIEWS).is_dir():
-        shutil.rmtree(out / PREVIEWS)
-        gone.append(PREVIEWS)
-    return gone
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """``dst`` becomes ``src``'s content atomically: a hard link (instant) or, where links fail, a copy."""
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
-def _same(a, b) -> bool:
-    return json.loads(json.dumps(a)) == json.loads(json.dumps(b))
-
-
-def _check_data(path: Path, meta: CheckpointMetadata, data: dict) -> None:
-    """The checkpoint must have been trained on the data of this invocation (spacing, window, corpus)."""
-    problems = []
-    if not _same(meta.spacing, [float(v) for v in data["spacing"]]):
-        problems.append(f"spacing {meta.spacing} vs now {list(data['spacing'])}")
-    if not _same(meta.intensity_window, [float(v) for v in data["window"]]):
-        problems.append(f"window {meta.intensity_window} vs now {list(data['window'])}")
-    old, new = meta.corpus or {}, data.get("corpus") or {}
-    digest_old, digest_new = (old.get("settings") or {}).get("digest"), (new.get("settings") or {}).get("digest")
-    if digest_old and digest_new and digest_old != digest_new:
-        problems.append(f"cache settings digest {digest_old} vs now {digest_new}")
-    if "num_cases" in old and "num_cases" in new and old["num_cases"] != new["num_cases"]:
-        problems.append(f"{old['num_cases']} cases vs now {new['num_cases']}")
-    if problems:
-        raise ResumeError(
-            f"{path}: trained on other data than it would continue on ({'; '.join(problems)}); start a new run "
-            "(-o elsewhere) for other data"
-        )
-
-
-def _config_with_defaults(config: dict) -> dict:
-    """A checkpoint's config with the fields added since it was written at their defaults.
-
-    Every field added to :class:`MiMConfig` defaults to the behaviour before it existed (e.g. ``align_target``
-    'online', ``conv_ln_eps`` 1e-6), so a run saved by an older version resumes; unknown keys stay as they are.
-    """
-    try:
-        full = MiMConfig.from_dict(config).to_dict()
-    except (TypeError, ValueError):
-        return config
-    return json.loads(json.dumps(full))
-
-
-def _restore(
-    out: Path, model, optimizer, scaler, order: CropOrder, opts: RunOptions, dist: DistInfo, data: dict
-) -> tuple[int, bool]:
-    """Load weights and resume state of ``out``: the latest pair, or the previous one when the latest is
-    incomplete. Returns the step to continue from and whether the latest pair was used (0, False: nothing
-    saved yet). Integrity problems are :class:`CheckpointError`, incompatibilities :class:`ResumeError`."""
-    pairs = [(out / CHECKPOINT_LATEST, out / RESUME_STATE), (out / CHECKPOINT_PREVIOUS, out / RESUME_STATE_PREVIOUS)]
-    if not any(p.exists() for pair in pairs for p in pair):
-        log.warning("%s: no checkpoint saved yet (stopped before its first save): starting from step 0", out)
-        return 0, False
-    problems = []
-    for latest, (path, rs_path) in zip((True, False), pairs, strict=True):
-        if not (path.exists() or rs_path.exists()):
-            continue
-        try:
-            state, meta = load_checkpoint(path)
-            check_state_dict(path, state, model.state_dict())
-            rs = load_resume_state(rs_path)
-            if not isinstance(rs, dict) or rs.get("weights_sha256") != meta.weights_sha256:
-                step = rs.get("step") if isinstance(rs, dict) else None
-                raise CheckpointError(
-                    f"{rs_path}: belongs to step {step}, but {path} holds step {meta.step} (killed between the two "
-                    "writes)"
-                )
-        except CheckpointError as e:
-            problems.append(str(e))
-            continue
-        mine = json.loads(json.dumps(model.config.to_dict()))
-        theirs = _config_with_defaults(meta.config)
-        diff = sorted(
-            k for k in set(mine) | set(theirs) if k not in EXECUTION_FIELDS and mine.get(k) != theirs.get(k)
-        )
-        if diff:
-            raise ResumeError(f"{path}: written for another model configuration (differs in {diff})")
-        _check_data(path, meta, data)
-        expected = _data_position(order, opts, dist, rs["step"])
-        changed = {k: (rs["data"].get(k), v) for k, v in expected.items() if rs["data"].get(k) != v}
-        if changed:
-            raise ResumeError(
-                f"{out}: cannot continue exactly, the data order depends on {sorted(changed)} "
-                f"(saved vs now: {changed}); start a new run (-o elsewhere) to change them"
-            )
-        if not latest:
-            log.warning(
-                "%s: the latest checkpoint is incomplete (%s); continuing from the previous pair, step %d",
-                out, problems[0], rs["step"],
-            )  # fmt: skip
-        model.load_state_dict(state)
-        optimizer.load_state_dict(rs["optimizer"])
-        scaler.load_state_dict(rs["scaler"])
-        return int(rs["step"]), latest
-    raise CheckpointError(f"{out}: no usable checkpoint to resume from: {' | '.join(problems)}")
-
-
-def _data_position(order: CropOrder, opts: RunOptions, dist: DistInfo, step: int) -> dict:
-    return {
-        "num_volumes": order.n,
-        "batch_size": opts.batch_size,
-        "accumulate": opts.accumulate,
-        "world_size": dist.world_size,
-        "seed": opts.seed,
-        "steps_per_epoch": order.steps_per_epoch,
-        # where the stream of crops continues (derived from the step; recorded for people, checked on resume)
-        "epoch": step // order.steps_per_epoch,
-        "crops_into_epoch_per_rank": (step % order.steps_per_epoch) * order.per_step,
-    }
-
-
 def _on_every_rank(fn, dist: DistInfo):
     """``fn()`` on each rank; an exception on any rank is raised on all of them (no rank is left waiting in a
     collective for one that died)."""
@@ -421,10 +237,7 @@ def run_pretraining(
         if dist.is_main:
             if problem := check_run_folder(out, resume, overwrite):
                 raise RunFolderError(problem)
-            # temporaries of writes cut short by SIGKILL (the files they were to replace are intact)
-            for name in (*RUN_FILES, PROGRESS):
-                for tmp in out.glob(f".{name}.*.tmp"):
-                    tmp.unlink(missing_ok=True)
+            remove_temporaries(out)
             if overwrite and (gone := clear_run_folder(out)):
                 log.warning("--overwrite: removed %s from %s", ", ".join(gone), out)
 
@@ -439,7 +252,7 @@ def run_pretraining(
     start, pair_complete = 0, False  # pair_complete: the latest pair on disk is whole (may become the fallback)
     if resume:
         start, pair_complete = _on_every_rank(
-            lambda: _restore(out, model, optimizer, scaler, order, opts, dist, data), dist
+            lambda: restore(out, model, optimizer, scaler, order, opts, dist, data), dist
         )
     order.start_step = start
     end = sched.total_steps if opts.stop_after is None else min(sched.total_steps, start + opts.stop_after)
@@ -464,14 +277,13 @@ def run_pretraining(
         nonlocal pair_complete
         if dist.is_main:
             if pair_complete:  # keep the whole pair on disk until the new one is whole too
-                _link_or_copy(out / RESUME_STATE, out / RESUME_STATE_PREVIOUS)
-                _link_or_copy(out / CHECKPOINT_LATEST, out / CHECKPOINT_PREVIOUS)
+                keep_previous_pair(out)
             pair_complete = False
             sha = save_checkpoint(out / CHECKPOINT_LATEST, model.state_dict(), metadata(step))
             save_resume_state(out / RESUME_STATE, {
                 "format": RESUME_FORMAT, "step": step, "weights_sha256": sha,
                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "schedule": asdict(sched),
-                "data": _data_position(order, opts, dist, step),
+                "data": data_position(order, opts, dist, step),
                 "rng": {"seed": opts.seed, "scheme": "masks: Generator(mix(seed, rank, step, micro)); "
                         "global RNG re-seeded with mix(seed, rank, step) each step; crops: (seed, epoch, index)"},
             })  # fmt: skip
@@ -511,14 +323,13 @@ def run_pretraining(
 
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        records = read_metrics(out, start) if resume else []
-        (out / METRICS).write_text("".join(json.dumps(r) + "\n" for r in records))
+        reset_metrics(out, start if resume else None)
         info = {"options": asdict(opts), "model": model.config.to_dict(),
                 "data": {k: v for k, v in data.items() if k != "corpus"},
                 "derived": asdict(sched) | {"precision": precision, "world_size": dist.world_size,
                                             "device": str(dist.device)},
                 "code_version": __version__}  # fmt: skip
-        (out / CONFIG).write_text(json.dumps(info, indent=2) + "\n")
+        write_config(out, info)
         log.info(
             "%s%s: preset %s, %d volumes, %d crops per step (%d x %d accumulated x %d processes), lr %.3g, "
             "%d steps (%d per epoch, warm-up %d), precision %s on %s",
@@ -570,14 +381,13 @@ def run_pretraining(
         dynamic_ncols=True,
         desc="pre-training",
     )
-    metrics_file = open(out / METRICS, "a") if dist.is_main else None  # noqa: SIM115 -- closed below
+    metrics_file = open_metrics(out) if dist.is_main else None
 
     def on_step(step: int, m: dict) -> bool:
         if probe is not None and (step == start + 1 or step % opts.probe_every == 0 or step == end):
             m = m | probe(model.encoder, dist.device, AUTOCAST[precision])
         if dist.is_main:
-            metrics_file.write(json.dumps({"step": step, "epoch": step / sched.steps_per_epoch} | m) + "\n")
-            metrics_file.flush()
+            append_metrics(metrics_file, {"step": step, "epoch": step / sched.steps_per_epoch} | m)
             bar.update(1)
             bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", crops_s=f"{m['crops_per_s']:.2f}")
             if step % opts.log_every == 0 or step == end:

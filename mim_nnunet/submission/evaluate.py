@@ -27,7 +27,8 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +133,18 @@ def parse_targets(specs: Sequence[int | str | Sequence[int]], tolerance_mm: floa
     return out
 
 
+def label_names(labels: Mapping) -> dict[tuple[int, ...], str]:
+    """{sorted values: name} of a dataset.json ``labels`` entry ({name: value, or a region's values}) or of a
+    profile's ``labels`` ({value: name}); background and nnU-Net's ``ignore`` label are left out."""
+    out = {}
+    for k, v in labels.items():
+        name, value = (v, k) if isinstance(k, int) else (k, v)
+        values = tuple(sorted({int(x) for x in (value if isinstance(value, (list, tuple)) else [value])}))
+        if name != "ignore" and values != (0,):
+            out[values] = str(name)
+    return out
+
+
 def _read(path: Path) -> tuple[np.ndarray, sitk.Image]:
     img = sitk.ReadImage(str(path))
     return sitk.GetArrayFromImage(img), img
@@ -150,13 +163,15 @@ def evaluate_folders(
     allow_missing: bool = False,
     spec: EvaluationSpec | None = None,
     empty: str | None = None,
+    names: Mapping[tuple[int, ...], str] | None = None,
 ) -> dict:
     """Score every reference file that has a prediction of the same relative path.
 
     Targets: ``labels`` (labels or '+'-joined regions), else the profile ``spec``'s targets, else every non-zero
     value found in the references. ``tolerance_mm`` overrides the spec's per-target tolerances. ``empty``
     defaults to the spec's convention, else "nan". A reference without prediction is an error unless
-    ``allow_missing`` (then it is listed and left out).
+    ``allow_missing`` (then it is listed and left out). ``names`` ({sorted values: name}, see
+    :func:`label_names`) names the targets that are not the spec's; a target it lacks is named by its values.
     """
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
     empty = empty or (spec.empty if spec else "nan")
@@ -197,6 +212,8 @@ def evaluate_folders(
     else:
         found = sorted({int(v) for _, ref_arr, _, _ in loaded for v in np.unique(ref_arr)} - {0})
         targets = parse_targets(found, tolerance_mm)
+    if names and (labels is not None or spec is None or not spec.targets):
+        targets = [replace(t, name=names.get(tuple(sorted(t.labels)), t.name)) for t in targets]
     no_tol = [t.name for t in targets if t.tolerance_mm is None]
     if no_tol:
         raise ValueError(f"targets {no_tol} have no NSD tolerance: pass --tolerance MM")

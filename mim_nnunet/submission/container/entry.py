@@ -8,8 +8,9 @@ folder; each profile's ``container`` block says where (see ``predict.sh`` and th
 - AMOS22: ``./input`` -> ``./output`` in the working directory (root ".");
 - generic / grand-challenge: ``/input`` -> ``/output`` (root "/").
 
-This script runs ``mim_nnunet_submit`` into a scratch folder, so that nothing reaches the output unless validation
-passed, then copies the validated predictions (the profile's layout, no zip) into the output folder. Paths and
+This script runs the submission (:func:`mim_nnunet.submission.pipeline.submit`, what ``mim_nnunet_submit`` runs)
+into a scratch folder, so that nothing reaches the output unless validation passed, then copies the validated
+predictions (the profile's layout, no zip; the pipeline's ``PREDICTIONS`` folder) into the output folder. Paths and
 options come from arguments or environment variables, so the same script runs locally in tests:
 
     --root / MIM_SUBMIT_ROOT       the folder the profile's input/output are relative to (default: the profile's
@@ -19,7 +20,7 @@ options come from arguments or environment variables, so the same script runs lo
     MIM_SUBMIT_MODEL     model folder(s), os.pathsep-separated, or find_best_configuration output (/opt/model)
     MIM_SUBMIT_PROFILE   profile name or .json        (default generic)
     MIM_SUBMIT_DEVICE    cpu | cuda                   (default: cuda when available)
-    MIM_SUBMIT_ARGS      extra mim_nnunet_submit arguments, shell-quoted (e.g. "--disable-tta -np 0")
+    MIM_SUBMIT_ARGS      extra mim_nnunet_submit options, shell-quoted (e.g. "--disable-tta -np 0")
     MIM_SUBMIT_WORK      scratch folder               (default: a temporary folder, removed afterwards)
     MIM_SUBMIT_MANIFEST  if set, copy manifest.json to this path (kept out of the output folder by default,
                          since some challenges reject extra files there)
@@ -30,6 +31,7 @@ Only run it with a model folder you trust: nnU-Net loads checkpoints with ``torc
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shlex
 import shutil
@@ -37,7 +39,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mim_nnunet.cli.submit import main as submit_main
+from mim_nnunet.cli.submit import EXIT_INVALID, EXIT_OK, EXIT_USAGE, submit_options, submit_parser
+from mim_nnunet.submission.pipeline import MANIFEST, PREDICTIONS, OutputExistsError, SubmitResult, submit
+from mim_nnunet.submission.predict import ModelError
 from mim_nnunet.submission.profiles import ContainerSpec, ProfileError, load_profile
 
 DEFAULT_CONTAINER = ContainerSpec(input="input", output="output", root="/")
@@ -96,36 +100,48 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"entry: {problem}", file=sys.stderr)
         return 2
+    # MIM_SUBMIT_ARGS are mim_nnunet_submit options: read with its parser (defaults included), the rest given here
+    options = submit_parser().parse_args(["-i", str(in_dir), "--device", device, *extra])
+    logging.basicConfig(
+        level=logging.INFO if options.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
     work_env = env.get("MIM_SUBMIT_WORK")
     work = Path(work_env) if work_env else Path(tempfile.mkdtemp(prefix="mim_submit_"))
     try:
-        sub_argv = [
-            "-i",
-            str(in_dir),
-            "--profile",
-            profile,
-            "-o",
-            str(work / "submission"),
-            "--device",
-            device,
-        ]
-        for m in models:
-            sub_argv += ["-m", m]
-        rc = submit_main([*sub_argv, *extra])
-        if rc != 0:
-            print(
-                f"entry: mim_nnunet_submit failed (exit {rc}); nothing written to {out_dir}", file=sys.stderr
-            )
+        rc, result = _submit(in_dir, [*models, *(options.model or [])], profile, work / "submission", options)
+        if rc != EXIT_OK:
+            print(f"entry: the submission failed (exit {rc}); nothing written to {out_dir}", file=sys.stderr)
             return rc
         out_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(work / "submission" / "predictions", out_dir, dirs_exist_ok=True)
+        shutil.copytree(result.out_dir / PREDICTIONS, out_dir, dirs_exist_ok=True)
         if env.get("MIM_SUBMIT_MANIFEST"):
-            shutil.copy2(work / "submission" / "manifest.json", env["MIM_SUBMIT_MANIFEST"])
+            shutil.copy2(result.out_dir / MANIFEST, env["MIM_SUBMIT_MANIFEST"])
         print(f"entry: predictions written to {out_dir}")
-        return 0
+        return EXIT_OK
     finally:
         if not work_env:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _submit(
+    in_dir: Path, models: list[str], profile: str, work: Path, options: argparse.Namespace
+) -> tuple[int, SubmitResult | None]:
+    """The submission API with mim_nnunet_submit's exit codes: 0 validated, 1 invalid, 2 usage (profile, model,
+    output)."""
+    try:
+        result = submit(
+            in_dir,
+            models,
+            load_profile(profile),
+            work,
+            **submit_options(options),
+            argv=["predict.sh", *sys.argv[1:]],
+        )
+    except (ProfileError, ModelError, OutputExistsError) as e:
+        print(f"entry: error: {e}", file=sys.stderr)
+        return EXIT_USAGE, None
+    print(result.report.summary())
+    return (EXIT_OK if result.ok else EXIT_INVALID), result
 
 
 if __name__ == "__main__":
