@@ -1,4 +1,4 @@
-"""Label-efficiency study (issue 10): does MiM pre-training help when labels are scarce, and against what?
+"""Label-efficiency study: does MiM pre-training help when labels are scarce, and against what?
 
 On the embedded synthetic phantoms, with fixed seeds:
 
@@ -74,7 +74,7 @@ class Arm:
 TASK_WINDOW = (-175.0, 250.0)
 
 #: The arms, in report order. Adding an arm is one entry. "MiM-EMA" is there because the paper's alignment
-#: heads collapse on the phantoms (docs/benchmarks.md, "Alignment collapse"; issue 10, point 3).
+#: heads collapse on the phantoms (docs/benchmarks.md, "Alignment collapse").
 ARMS: dict[str, Arm] = {
     "MiM": Arm("nnUNetTrainerMiM_study", (), window=TASK_WINDOW, label="MiM (3 levels + alignment)"),
     "MiM-EMA": Arm(
@@ -90,7 +90,7 @@ ARMS: dict[str, Arm] = {
         "nnUNetTrainerStock_study", None, plans="stock", equal_iterations=True,
         label="stock nnU-Net at the other arms' iterations (diagnostic; ~21 min per run on the 2-core CPU)",
     ),
-    # diagnostic arms (issue 10, point 5; not in the default study)
+    # diagnostic arms (docs/study.md, diagnostics; not in the default study)
     "MiM-lowenc": Arm(
         "nnUNetTrainerMiM_lowenc_study", source="MiM", window=TASK_WINDOW,
         label="MiM checkpoint, encoder lr x 0.1 (diagnostic)",

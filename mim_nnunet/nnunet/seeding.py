@@ -1,4 +1,4 @@
-"""Seeds that fix every batch of a fine-tuning run (issue 18, point 1).
+"""Seeds that fix every batch of a fine-tuning run (the evidence study: two arms at one seed see the same batches).
 
 nnU-Net seeds nothing: its training and validation batches come from ``NonDetMultiThreadedAugmenter`` workers
 that draw from unseeded generators and hand over whichever batch is ready first, so two runs at one seed see

@@ -1,4 +1,4 @@
-"""Trainers of the label-efficiency study (issue 10; ``benchmarks/study_label_efficiency.py``).
+"""Trainers of the label-efficiency study (``benchmarks/study_label_efficiency.py``).
 
 Every arm of the study runs the same number of training iterations, and each run's seed must vary without
 code changes, so these thin variants read their length and seed from the environment (nnU-Net trainers cannot
@@ -92,7 +92,7 @@ class nnUNetTrainerMiM_scratch_study(nnUNetTrainerMiM_study):
 
 
 class nnUNetTrainerMiM_lowenc_study(nnUNetTrainerMiM_study):
-    """Diagnostic arm (issue 10, point 5): the encoder's learning rates x ``encoder_lr_scale``, the decoder's not.
+    """Diagnostic arm (why pre-training helps little, docs/study.md): the encoder's learning rates x ``encoder_lr_scale``, the decoder's not.
 
     At the study's lr (1e-2, layer decay 0.75) 200 AdamW iterations move the pre-trained encoder weights by 10-110 %
     of their norm (docs/study.md): this variant keeps them near their initialisation, to tell whether the

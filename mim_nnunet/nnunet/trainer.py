@@ -1,4 +1,4 @@
-"""nnU-Net trainers for MiM fine-tuning (issue 4; mim_method.md §6). ``trainers/`` re-exports these classes.
+"""nnU-Net trainers for MiM fine-tuning (mim_method.md §6). ``trainers/`` re-exports these classes.
 
 Owns the recipe inside nnU-Net's loop: the network from the plans (static, so the predictor can build it without
 a trainer), the pre-trained encoder loaded at training start (never in ``build_network_architecture``, so that
