@@ -588,12 +588,14 @@ def _plot_paired(ax, cells: list[dict], s: Settings) -> None:
     groups = [c for c in cells if c.get("paired")]
     for x, c in enumerate(groups):
         d = list(c["paired"]["differences"].values())
-        ax.scatter(np.full(len(d), x) + np.linspace(-0.12, 0.12, len(d)), d, s=14, alpha=0.7, color="C0")
+        jitter = np.linspace(-0.12, 0.12, len(d)) if len(d) > 1 else np.zeros(1)
+        ax.scatter(x + jitter, d, s=14, alpha=0.7, color="C0")
         if c["paired"]["ci95"] is not None:
             lo, hi = c["paired"]["ci95"]
             ax.errorbar([x + 0.25], [c["paired"]["mean"]], yerr=[[c["paired"]["mean"] - lo], [hi - c["paired"]["mean"]]],
                         fmt="D", color="C3", capsize=4)  # fmt: skip
     ax.axhline(0, color="k", lw=0.8)
+    ax.set_xlim(-0.6, max(len(groups), 1) - 0.4)
     ax.set_xticks(range(len(groups)), [f"{c['arm']}\nk={c['k']}" for c in groups], fontsize=8)
     ax.set_ylabel(f"Dice - {BASELINE} (same seed)")
     ax.set_title("paired differences: seeds (dots), mean and 95 % CI")
