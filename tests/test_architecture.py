@@ -172,3 +172,96 @@ def test_one_owner_for_the_run_folder_and_the_resume_rules():
         }, path
         texts = {text for _, text in string_constants(path)}
         assert not texts & set(folder.RUN_FILES), path
+
+
+# ------------------------------------------------------------------------------ code short enough to read
+
+MAX_FUNCTION_LINES = 80  # in pretrain/ and cli/ (the argparse table is data, not a function)
+MAX_RUN_PRETRAINING_LINES = 60
+MAX_PRETRAIN_CLI_LINES = 350
+
+
+def function_lengths(source: str) -> dict[str, int]:
+    """Lines of every function (methods as ``Class.name``), decorators and docstring included."""
+    lengths = {}
+    for node in ast.walk(ast.parse(source)):
+        body = node.body if isinstance(node, ast.Module | ast.ClassDef) else []
+        prefix = f"{node.name}." if isinstance(node, ast.ClassDef) else ""
+        for f in body:
+            if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef):
+                start = min([f.lineno, *(d.lineno for d in f.decorator_list)])
+                lengths[prefix + f.name] = f.end_lineno - start + 1
+    return lengths
+
+
+def nested_definitions(source: str) -> list[str]:
+    """Functions or classes defined inside a function (a method of a module-level class is not nested)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            found += [
+                f"{node.name}:{inner.lineno} defines {inner.name}"
+                for inner in ast.walk(node)
+                if inner is not node and isinstance(inner, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+            ]
+    return found
+
+
+def _files(*folders: str) -> list[Path]:
+    return [p for f in folders for p in sorted((PACKAGE / f).glob("*.py"))]
+
+
+@pytest.mark.parametrize("path", _files("pretrain", "cli"), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_function_in_the_engine_or_the_commands_is_over_80_lines(path: Path):
+    long = {k: n for k, n in function_lengths(path.read_text()).items() if n > MAX_FUNCTION_LINES}
+    assert long == {}
+
+
+@pytest.mark.parametrize("path", _files("pretrain"), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_the_engine_defines_no_function_inside_a_function(path: Path):
+    assert nested_definitions(path.read_text()) == []
+
+
+def test_run_pretraining_reads_on_one_screen_and_the_pretrain_command_is_thin():
+    run = (PACKAGE / "pretrain" / "run.py").read_text()
+    assert function_lengths(run)["run_pretraining"] < MAX_RUN_PRETRAINING_LINES
+    cli = PACKAGE / "cli" / "pretrain.py"
+    assert len(cli.read_text().splitlines()) < MAX_PRETRAIN_CLI_LINES
+    # argparse plus one call: no signal, folder, cache, data or resume logic of its own
+    imported = {mod for _, mod in imported_modules(cli.read_text(), "mim_nnunet.cli.pretrain")}
+    assert imported <= {
+        "__future__", "argparse", "sys", "mim_nnunet.model.config", "mim_nnunet.pretrain.run",
+        "mim_nnunet.pretrain.resume", "mim_nnunet.pretrain.command",
+    }, imported  # fmt: skip
+    calls = {n.func.id for n in ast.walk(ast.parse(cli.read_text())) if isinstance(n, ast.Call)
+             and isinstance(n.func, ast.Name)}  # fmt: skip
+    assert "pretrain_command" in calls and not calls & {"resumed_arguments", "preprocess_corpus", "run_pretraining"}
+
+
+def test_the_shape_checks_see_a_violation():
+    source = (
+        "def outer():\n    def inner():\n        pass\n    class Local:\n        pass\n"
+        "class Top:\n    def method(self):\n" + "        x = 1\n" * 85
+    )
+    assert nested_definitions(source) == ["outer:2 defines inner", "outer:4 defines Local"]
+    assert function_lengths(source) == {"outer": 5, "Top.method": 86}
+
+
+def test_one_stop_mechanism_for_preprocessing_and_training():
+    """Only mim_nnunet/interrupt.py installs signal handlers; preprocessing and training both use it."""
+    from mim_nnunet import interrupt
+    from mim_nnunet.data import preprocess
+    from mim_nnunet.pretrain import command, run, sampler
+
+    installers = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path == PACKAGE / "interrupt.py":
+            continue
+        for n in ast.walk(ast.parse(path.read_text())):
+            if isinstance(n, ast.Attribute) and n.attr == "signal" and isinstance(n.value, ast.Name):
+                if n.value.id == "signal":
+                    installers.append(f"{path.relative_to(PACKAGE.parent)}:{n.lineno}")
+    assert installers == []
+    assert run.StopRequest is command.StopRequest is interrupt.StopRequest
+    assert sampler.ignore_stop_signals is interrupt.ignore_stop_signals
+    assert preprocess._children_ignore_sigint is interrupt.children_ignore_sigint

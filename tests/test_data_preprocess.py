@@ -343,3 +343,23 @@ def test_preprocessing_workers_ignore_sigint():
     assert sig.getsignal(sig.SIGINT) is before  # the parent's handler is back
     assert queue.get(timeout=120) is True
     child.join(timeout=60)
+
+
+def _roi_crop(path: Path) -> Path:
+    """A CT crop cut inside the body (soft tissue and a bone, no air), as derived datasets ship them."""
+    rng = np.random.default_rng(3)
+    arr = (40 + 15 * rng.standard_normal((60, 60, 60))).astype(np.int16)
+    arr[20:40, 20:40, 20:40] = 700
+    return _write(arr, path)
+
+
+def test_volumes_without_air_are_skipped_by_default_and_accepted_on_request(tmp_path):
+    crop = _roi_crop(tmp_path / "roi.nii.gz")
+    with pytest.raises(CorpusError):
+        preprocess_corpus([str(crop)], tmp_path / "strict", num_workers=0, progress=False)
+    reason = (tmp_path / "strict" / "skipped.txt").read_text()
+    assert "not CT: min" in reason and "no air" in reason and "--allow-no-air" in reason
+    relaxed = PreprocessSettings(require_air=False)
+    assert relaxed.digest() == PreprocessSettings().digest()  # an acceptance check: the cached data is the same
+    report = preprocess_corpus([str(crop)], tmp_path / "relaxed", relaxed, num_workers=0, progress=False)
+    assert len(report.cases) == 1 and report.skipped == []

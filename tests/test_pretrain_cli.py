@@ -124,7 +124,7 @@ def test_sigint_saves_and_exits_cleanly(phantom_cache, tmp_path):
 
 
 def test_execution_options_reach_the_model():
-    from mim_nnunet.cli.pretrain import _options as options_from_args
+    from mim_nnunet.pretrain.command import run_options as options_from_args
 
     opts = options_from_args(build_parser().parse_args(["-i", "x", "-o", "y", "--dense-execution", "--grad-checkpointing"]))
     assert opts.model_overrides() == {"packed": False, "grad_checkpointing": True}
@@ -243,3 +243,31 @@ def test_resume_reindexes_only_a_cache_with_the_same_settings(phantom_cache):
     assert _other_cases_indexed(cache, mine | {"cases_sha256": "0" * 64}, PreprocessSettings())
     assert not _other_cases_indexed(cache, mine | {"cases_sha256": "0" * 64}, PreprocessSettings(spacing=(2.0,) * 3))
     assert not _other_cases_indexed(cache, {}, PreprocessSettings())  # runs that recorded no identity
+
+
+def test_allow_no_air_lets_a_corpus_of_crops_inside_the_body_in(tmp_path, caplog):
+    import numpy as np
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(3)
+    arr = (40 + 15 * rng.standard_normal((60, 60, 60))).astype(np.int16)  # soft tissue only: no air
+    sitk.WriteImage(sitk.GetImageFromArray(arr), str(tmp_path / "roi.nii.gz"))
+    cmd = ["-i", str(tmp_path / "roi.nii.gz"), "--preprocess-only", "--no-progress", "--preprocess-workers", "0"]
+    with caplog.at_level(logging.WARNING, "mim_nnunet"):
+        assert main([*cmd, "-o", str(tmp_path / "strict")]) == 2
+    assert "no air" in caplog.text and "--allow-no-air" in caplog.text
+    assert main([*cmd, "-o", str(tmp_path / "relaxed"), "--allow-no-air"]) == 0
+    assert json.loads((tmp_path / "relaxed" / "cache" / "fingerprint.json").read_text())["num_cases"] == 1
+
+
+def test_allow_no_air_is_the_runs_and_older_runs_checked_for_air(tmp_path):
+    from mim_nnunet.pretrain.resume import ResumeError, resumed_arguments
+
+    args = build_parser().parse_args(["-o", str(tmp_path), "--resume"])
+    data = {"inputs": ["x"], "cache": str(tmp_path / "cache"), "spacing": [1.5], "window": [-1000.0, 1000.0]}
+    (tmp_path / "config.json").write_text(json.dumps({"options": {"dense_execution": True}, "data": data}))
+    resumed = resumed_arguments(args, {"output", "resume"}, tmp_path)  # a config.json from before the option
+    assert resumed.allow_no_air is False and resumed.packed is False  # dense_execution: the flag's name
+    with pytest.raises(ResumeError, match="allow_no_air cannot change"):
+        resumed_arguments(build_parser().parse_args(["-o", "x", "--resume", "--allow-no-air"]),
+                          {"output", "resume", "allow_no_air"}, tmp_path)  # fmt: skip

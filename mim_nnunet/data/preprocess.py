@@ -23,13 +23,10 @@ import math
 import multiprocessing as mp
 import os
 import re
-import signal
 import struct
-import threading
 import zlib
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -43,6 +40,7 @@ from nnunetv2.preprocessing.resampling.default_resampling import (
 from scipy import ndimage
 from tqdm import tqdm
 
+from ..interrupt import children_ignore_sigint as _children_ignore_sigint
 from .cache import (
     DTYPE_LEVELS,
     FINGERPRINT,
@@ -101,6 +99,9 @@ class PreprocessSettings:
     )  # smaller volumes are mostly padding
     ct_max_below: float = field(default=-500.0, metadata={"digest": False})  # max below this: no tissue
     ct_min_above: float = field(default=-200.0, metadata={"digest": False})  # min above this: no air, not HU
+    # False: accept volumes without air (ROI crops cut inside the body, as many derived datasets ship); the other
+    # checks still hold (mim_nnunet_pretrain --allow-no-air)
+    require_air: bool = field(default=True, metadata={"digest": False})
     ct_abs_limit: float = field(default=1e5, metadata={"digest": False})  # |HU| beyond this: not HU
 
     def __post_init__(self) -> None:
@@ -278,9 +279,10 @@ def _check_intensities(arr: np.ndarray, s: PreprocessSettings) -> None:
         raise SkipCase(f"constant volume (every voxel {lo:g})")
     if hi < s.ct_max_below:
         raise SkipCase(f"not CT: max {hi:g} < {s.ct_max_below:g} HU (no tissue)")
-    if lo > s.ct_min_above:
+    if s.require_air and lo > s.ct_min_above:
         raise SkipCase(
-            f"not CT: min {lo:g} > {s.ct_min_above:g} HU (no air; MR, [0,1] or [0,255] intensities?)"
+            f"not CT: min {lo:g} > {s.ct_min_above:g} HU (no air; MR, [0,1] or [0,255] intensities? CT crops cut "
+            "inside the body: --allow-no-air)"
         )
     if max(abs(lo), abs(hi)) > s.ct_abs_limit:
         raise SkipCase(f"not CT: intensities up to {max(abs(lo), abs(hi)):g}, beyond +-{s.ct_abs_limit:g} HU")
@@ -429,20 +431,6 @@ def _invalidate(cache_dir: Path, settings: PreprocessSettings) -> None:
                 cache_dir, old.get("digest"), settings.digest(), n,
             )  # fmt: skip
     write_json(sfile, settings.to_dict())
-
-
-@contextmanager
-def _children_ignore_sigint():
-    """Processes spawned inside inherit an ignored SIGINT: Ctrl-C (sent to the whole terminal group) is for the
-    main process, which cancels the queued cases; workers would only print KeyboardInterrupt tracebacks."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _ping() -> bool:

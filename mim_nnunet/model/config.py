@@ -139,3 +139,8 @@ def make_config(preset: str = "base", **overrides) -> MiMConfig:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     cfg = MiMConfig(preset=preset, **PRESETS[preset])
     return replace(cfg, **overrides) if overrides else cfg
+
+
+def preset_crop_size(preset: str) -> int:
+    """Edge of the crops a preset trains on, in voxels: every level's volumes are S^3, the crops (2S)^3."""
+    return 2 * make_config(preset).input_size

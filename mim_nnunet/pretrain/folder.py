@@ -108,6 +108,19 @@ def keep_previous_pair(out: Path) -> None:
     link_or_copy(out / CHECKPOINT_LATEST, out / CHECKPOINT_PREVIOUS)
 
 
+# config.json's "options" keep the command line's names; inside the code the model's execution is named as the
+# model names it (RunOptions.packed = MiMConfig.packed), which config.json and the flag call dense_execution.
+def options_to_config(options: dict) -> dict:
+    """``asdict(RunOptions)`` as config.json stores it (same key order)."""
+    return {("dense_execution" if k == "packed" else k): (not v if k == "packed" else v) for k, v in options.items()}
+
+
+def options_from_config(stored: dict) -> dict:
+    """config.json's ``options`` under the code's names: :func:`options_to_config` undone."""
+    return {("packed" if k == "dense_execution" else k): (not v if k == "dense_execution" else v)
+            for k, v in stored.items()}  # fmt: skip
+
+
 def write_config(out: Path, info: dict) -> None:
     (out / CONFIG).write_text(json.dumps(info, indent=2) + "\n")
 

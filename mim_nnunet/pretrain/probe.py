@@ -26,6 +26,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -149,24 +150,39 @@ def voxel_features(
     return torch.cat(feats, dim=1).cpu()
 
 
-def fit_softmax(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float = L2, iters: int = LBFGS_ITERS):
-    """Multinomial logistic regression on standardised ``x (n, f)``; returns a predict function."""
+@dataclass
+class SoftmaxClassifier:
+    """A fitted multinomial logistic regression on standardised features: ``classifier(z)`` -> class per row."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    w: torch.Tensor
+    b: torch.Tensor
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        return (((z - self.mean) / self.std) @ self.w + self.b).argmax(1)
+
+
+def _softmax_loss(opt, xs: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor, l2: float):
+    """LBFGS's closure: the regularised cross-entropy, with its gradients."""
+    opt.zero_grad()
+    loss = F.cross_entropy(xs @ w + b, y) + l2 * (w**2).sum()
+    loss.backward()
+    return loss
+
+
+def fit_softmax(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float = L2, iters: int = LBFGS_ITERS
+) -> SoftmaxClassifier:
+    """Multinomial logistic regression on standardised ``x (n, f)``; returns the classifier."""
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
     xs = (x - mean) / std
     w = torch.zeros(x.shape[1], num_classes, requires_grad=True)
     b = torch.zeros(num_classes, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=iters, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(xs @ w + b, y) + l2 * (w**2).sum()
-        loss.backward()
-        return loss
-
     with torch.enable_grad():
-        opt.step(closure)
-    w, b = w.detach(), b.detach()
-    return lambda z: (((z - mean) / std) @ w + b).argmax(1)
+        opt.step(partial(_softmax_loss, opt, xs, y, w, b, l2))
+    return SoftmaxClassifier(mean, std, w.detach(), b.detach())
 
 
 def mean_dice(pred: torch.Tensor, truth: torch.Tensor, num_classes: int) -> float:

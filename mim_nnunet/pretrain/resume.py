@@ -2,8 +2,8 @@
 library callers (:func:`mim_nnunet.pretrain.run.run_pretraining` with ``resume=True``).
 
 - Options: :data:`RESUMABLE` may change on ``--resume``; :data:`PER_INVOCATION` belong to one invocation and are
-  never taken from the stored run; every other option and the data settings (inputs, cache, spacing, window) are
-  the run's (:func:`resumed_arguments`).
+  never taken from the stored run; every other option and the data settings (inputs, cache, spacing, window,
+  allow_no_air) are the run's (:func:`resumed_arguments`).
 - The requeue rule: ``--resume`` on a folder without a run yet, with inputs given, starts the run (a requeued job
   killed before its run began repeats its whole command line) (:func:`begins_instead_of_resuming`).
 - The cache: a resumed run continues on the data it began with; a cache whose index another run with the same
@@ -34,7 +34,7 @@ from ..checkpoint import (
 from ..data.cache import cache_identity
 from ..model.config import EXECUTION_FIELDS, MiMConfig
 from .distributed import DistInfo
-from .folder import CONFIG, PAIRS, has_run, read_config
+from .folder import CONFIG, PAIRS, has_run, options_from_config, read_config
 from .sampler import CropOrder
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ RESUMABLE = {
     "progress",
     "precision",
     "grad_checkpointing",  # execution only: the maths, and so the run, stay the same
-    "dense_execution",
+    "packed",  # --dense-execution
     "probe",  # the probe only watches: it changes nothing in training
     "probe_every",
     "probe_cases",
@@ -99,7 +99,7 @@ def resumed_arguments(args: Namespace, given: set[str], out: Path) -> Namespace:
         saved = read_config(out)
     except ValueError as e:
         raise ResumeError(str(e)) from None
-    opts, data = saved["options"], saved["data"]
+    opts, data = options_from_config(saved["options"]), saved["data"]
     # Values given again must equal the stored ones: a requeued job repeats its whole command line.
     clash = {k: (opts[k], getattr(args, k)) for k in sorted(given & (set(opts) - RESUMABLE))
              if json.dumps(getattr(args, k)) != json.dumps(opts[k])}  # fmt: skip
@@ -115,6 +115,8 @@ def resumed_arguments(args: Namespace, given: set[str], out: Path) -> Namespace:
         clash["spacing"] = (data["spacing"], args.spacing)
     if "window" in given and [float(w) for w in args.window] != [float(w) for w in data["window"]]:
         clash["window"] = (data["window"], args.window)
+    if "allow_no_air" in given and args.allow_no_air != data.get("allow_no_air", False):
+        clash["allow_no_air"] = (data.get("allow_no_air", False), args.allow_no_air)
     if clash:
         detail = "; ".join(f"{k}: run {old!r}, given {new!r}" for k, (old, new) in clash.items())
         raise ResumeError(
@@ -127,6 +129,7 @@ def resumed_arguments(args: Namespace, given: set[str], out: Path) -> Namespace:
             setattr(args, k, v)
     args.input, args.cache = data["inputs"], data["cache"]
     args.spacing, args.window = data["spacing"], data["window"]
+    args.allow_no_air = data.get("allow_no_air", False)  # runs before the option were all checked for air
     args.saved_cache_identity = data.get("cache_identity", {})
     return args
 

@@ -1,5 +1,7 @@
-"""A pre-training run: :func:`run_pretraining` builds the model, restores a checkpoint, and drives
-:func:`.engine.train_steps`, saving and reporting as it goes.
+"""A pre-training run: :func:`run_pretraining` builds the model (:func:`build_run`), restores a checkpoint
+(:func:`restore_run`), and drives :func:`.engine.train_steps`, saving (:func:`save`) and reporting
+(:class:`StepReport`) as it goes. Each of those steps is a module-level function of one :class:`Run`, so each is
+tested on its own.
 
 The run folder's files are :mod:`.folder`'s, what may change on resume :mod:`.resume`'s. Only rank 0 writes; every
 rank reaches every collective (barriers included). The weights are written before the resume state, and the
@@ -14,11 +16,11 @@ A new run refuses a folder that already holds a run (:func:`.folder.check_run_fo
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,6 +30,7 @@ from tqdm import tqdm
 
 from .. import __version__, build_pretraining_model
 from ..checkpoint import CheckpointError, CheckpointMetadata, save_checkpoint, save_resume_state
+from ..interrupt import StopRequest
 from ..model.config import TOKEN_SIZE
 from ..plots import plot_progress, save_previews
 from .distributed import DistInfo, any_rank
@@ -50,6 +53,7 @@ from .folder import (  # noqa: F401 -- names callers imported from here before t
     clear_run_folder,
     keep_previous_pair,
     open_metrics,
+    options_to_config,
     read_metrics,
     remove_temporaries,
     reset_metrics,
@@ -75,7 +79,9 @@ class RunOptions:
     preset: str = "base"
     levels: int | None = None  # None: the preset's (3); 1 = plain hybrid MAE, the ablation baseline
     grad_checkpointing: bool = False
-    dense_execution: bool = False  # compute masked voxels too (model packed=False): same maths, the reference
+    # the model's execution (MiMConfig.packed): visible voxels only; False computes the masked voxels too (same
+    # maths, the reference). The command line and config.json call it the other way round: --dense-execution.
+    packed: bool = True
     align_target: str = "online"  # "ema": BYOL-style EMA target for the alignment heads (pretrain/monitor.py)
     align_ema: float = 0.99
     batch_size: int = 2  # crops per micro-batch per process
@@ -101,7 +107,7 @@ class RunOptions:
 
     def model_overrides(self) -> dict:
         o = {"grad_checkpointing": self.grad_checkpointing} if self.grad_checkpointing else {}
-        o |= {"packed": False} if self.dense_execution else {}
+        o |= {} if self.packed else {"packed": False}
         o |= {"align_target": self.align_target, "align_ema": self.align_ema} if self.align_target != "online" else {}
         return o | ({"levels": self.levels} if self.levels is not None else {})
 
@@ -154,13 +160,15 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+class TqdmHandler(logging.Handler):
+    """Log records through ``tqdm.write``: a line printed while a bar runs does not break the bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
 def setup_logging(out_dir: str | Path, is_main: bool = True) -> None:
     """Console (through tqdm, so the bar survives) and, on rank 0, ``train.log`` in the run folder."""
-
-    class TqdmHandler(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            tqdm.write(self.format(record), file=sys.stderr)
-
     root = logging.getLogger("mim_nnunet")
     root.setLevel(logging.INFO if is_main else logging.WARNING)
     for h in list(root.handlers):
@@ -176,36 +184,15 @@ def setup_logging(out_dir: str | Path, is_main: bool = True) -> None:
         root.addHandler(h)
 
 
-class StopRequest:
-    """SIGINT/SIGTERM: finish the current step, save, leave. A second signal aborts at once (the previous
-    checkpoint stays intact: writes are atomic)."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.signum: int | None = None
-        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def _handle(self, signum: int, _frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        self.signum = signum
-        log.warning(
-            "%s received: finishing this step, saving, then stopping (send it again to abort now)",
-            signal.Signals(signum).name,
-        )
-
-    def restore(self) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
+STOP_MESSAGE = "finishing this step, saving, then stopping (send it again to abort now)"
 
 
-def _on_every_rank(fn, dist: DistInfo):
-    """``fn()`` on each rank; an exception on any rank is raised on all of them (no rank is left waiting in a
+def _on_every_rank(dist: DistInfo, fn: Callable, *args):
+    """``fn(*args)`` on each rank; an exception on any rank is raised on all of them (no rank is left waiting in a
     collective for one that died)."""
     error: BaseException | None = None
     try:
-        result = fn()
+        result = fn(*args)
     except (CheckpointError, ValueError, OSError) as e:
         error = e
     if any_rank(error is not None, dist):
@@ -213,6 +200,257 @@ def _on_every_rank(fn, dist: DistInfo):
             raise error
         raise ResumeError("another rank failed to set up the run (its log says why)")
     return result
+
+
+@dataclass
+class Run:
+    """The parts of one run that its steps share: made by :func:`build_run`, moved on by :func:`restore_run`
+    (``start``) and :func:`save` (``pair_complete``)."""
+
+    out: Path
+    opts: RunOptions
+    data: dict
+    dist: DistInfo
+    model: torch.nn.Module  # the MiMPretrainingModel (not the DDP wrapper)
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    order: CropOrder
+    sched: Schedule
+    precision: str
+    preview_crop: torch.Tensor | None = None  # rank 0: the fixed crop of the reconstruction previews
+    probe: Callable | None = field(default=None, repr=False)  # rank 0, with opts.probe: the linear probe
+    start: int = 0  # the step this invocation continues from
+    pair_complete: bool = False  # the latest pair on disk is whole (it may become the fallback)
+
+    @property
+    def end(self) -> int:
+        """The step this invocation stops at: the schedule's end, or earlier with ``stop_after``."""
+        total = self.sched.total_steps
+        return total if self.opts.stop_after is None else min(total, self.start + self.opts.stop_after)
+
+
+def prepare_folder(out: Path, resume: bool, overwrite: bool, dist: DistInfo) -> None:
+    """Rank 0: refuse a folder that holds a run (:class:`RunFolderError`) unless ``resume`` or ``overwrite``,
+    remove the temporaries of writes cut short, and with ``overwrite`` the old run's files."""
+    if not dist.is_main:
+        return
+    if problem := check_run_folder(out, resume, overwrite):
+        raise RunFolderError(problem)
+    remove_temporaries(out)
+    if overwrite and (gone := clear_run_folder(out)):
+        log.warning("--overwrite: removed %s from %s", ", ".join(gone), out)
+
+
+def build_run(out: Path, opts: RunOptions, crops: Dataset, data: dict, dist: DistInfo) -> Run:
+    """Model, optimizer, loss scaler, crop order and schedule of a run from step 0; on rank 0 also the preview
+    crop and the probe."""
+    precision = resolve_precision(opts.precision, dist.device)
+    torch.manual_seed(opts.seed)  # the initial weights (DDP also broadcasts rank 0's)
+    model = build_pretraining_model(opts.preset, **opts.model_overrides()).to(dist.device)
+    order = CropOrder(len(crops), opts.batch_size, opts.accumulate, dist.world_size, dist.rank, opts.seed)
+    sched = plan_schedule(opts, order.steps_per_epoch, dist.world_size)
+    optimizer = build_optimizer(model, sched.lr, opts.weight_decay)
+    scaler = torch.amp.GradScaler(dist.device.type, enabled=precision == "fp16")
+    run = Run(out, opts, data, dist, model, optimizer, scaler, order, sched, precision)
+    if dist.is_main:
+        run.preview_crop = EpochCrops(crops)[0, 0][None]
+    if opts.probe and dist.is_main:
+        from .probe import LinearProbe
+
+        run.probe = LinearProbe.from_dataset(opts.probe, opts.probe_cases, model.crop_size, data["spacing"],
+                                             data["window"], opts.seed)  # fmt: skip
+    return run
+
+
+def restore_run(run: Run) -> None:
+    """Continue from the run folder's checkpoint (:func:`.resume.restore`, on every rank: a failure on one is
+    raised on all)."""
+    run.start, run.pair_complete = _on_every_rank(
+        run.dist, restore, run.out, run.model, run.optimizer, run.scaler, run.order, run.opts, run.dist, run.data
+    )
+    run.order.start_step = run.start
+
+
+def run_config(run: Run) -> dict:
+    """What ``config.json`` records: options, model config, data settings (the fingerprint aside: it is in the
+    checkpoint), derived values."""
+    derived = asdict(run.sched) | {"precision": run.precision, "world_size": run.dist.world_size,
+                                   "device": str(run.dist.device)}  # fmt: skip
+    return {
+        "options": options_to_config(asdict(run.opts)),
+        "model": run.model.config.to_dict(),
+        "data": {k: v for k, v in run.data.items() if k != "corpus"},
+        "derived": derived,
+        "code_version": __version__,
+    }
+
+
+def report_start(run: Run, num_volumes: int, resume: bool) -> None:
+    """Rank 0: ``metrics.jsonl`` cut back to the checkpoint, ``config.json``, and one line saying what runs."""
+    if not run.dist.is_main:
+        return
+    run.out.mkdir(parents=True, exist_ok=True)
+    reset_metrics(run.out, run.start if resume else None)
+    write_config(run.out, run_config(run))
+    opts, sched = run.opts, run.sched
+    log.info(
+        "%s%s: preset %s, %d volumes, %d crops per step (%d x %d accumulated x %d processes), lr %.3g, "
+        "%d steps (%d per epoch, warm-up %d), precision %s on %s",
+        "resuming " if resume else "", run.out, opts.preset, num_volumes, sched.effective_batch, opts.batch_size,
+        opts.accumulate, run.dist.world_size, sched.lr, sched.total_steps, sched.steps_per_epoch,
+        sched.warmup_steps, run.precision, run.dist.device,
+    )  # fmt: skip
+
+
+def checkpoint_metadata(run: Run, step: int) -> CheckpointMetadata:
+    model = run.model
+    return CheckpointMetadata(
+        preset=run.opts.preset, config=model.config.to_dict(), spacing=[float(s) for s in run.data["spacing"]],
+        intensity_window=[float(w) for w in run.data["window"]], token_size=TOKEN_SIZE,
+        input_size=model.input_size, crop_size=model.crop_size, corpus=run.data.get("corpus", {}), step=step,
+        epoch=step // run.sched.steps_per_epoch, code_version=__version__,
+    )  # fmt: skip
+
+
+def resume_state(run: Run, step: int, weights_sha256: str) -> dict:
+    """``resume_state.pt``: everything besides the weights that continuing exactly needs, tied to its weights."""
+    return {
+        "format": RESUME_FORMAT, "step": step, "weights_sha256": weights_sha256,
+        "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(), "schedule": asdict(run.sched),
+        "data": data_position(run.order, run.opts, run.dist, step),
+        "rng": {"seed": run.opts.seed, "scheme": "masks: Generator(mix(seed, rank, step, micro)); "
+                "global RNG re-seeded with mix(seed, rank, step) each step; crops: (seed, epoch, index)"},
+    }  # fmt: skip
+
+
+def write_checkpoint(run: Run, step: int, final: bool) -> None:
+    """Rank 0: the checkpoint pair of ``step`` (weights first, then the resume state naming their sha256), after
+    keeping the whole pair on disk as the previous one; with ``final`` also ``checkpoint_final``."""
+    if run.pair_complete:  # keep the whole pair on disk until the new one is whole too
+        keep_previous_pair(run.out)
+    run.pair_complete = False
+    sha = save_checkpoint(run.out / CHECKPOINT_LATEST, run.model.state_dict(), checkpoint_metadata(run, step))
+    save_resume_state(run.out / RESUME_STATE, resume_state(run, step, sha))
+    run.pair_complete = True
+    if final:
+        save_checkpoint(run.out / CHECKPOINT_FINAL, run.model.state_dict(), checkpoint_metadata(run, step))
+
+
+def write_pictures(run: Run, step: int) -> None:
+    """Rank 0: the reconstruction previews of the fixed crop (fixed masks, so they compare) and ``progress.png``."""
+    model, device = run.model, run.dist.device
+    model.eval()
+    with torch.no_grad(), torch.autocast(device.type, AUTOCAST[run.precision], enabled=run.precision != "fp32"):
+        preview = model(run.preview_crop.to(device), generator=torch.Generator().manual_seed(run.opts.seed))
+    model.train()
+    save_previews(preview, run.out / PREVIEWS, step, model.config.norm_pix_loss)
+    plot_progress(read_metrics(run.out), run.out / PROGRESS)
+
+
+def save(run: Run, step: int, final: bool = False) -> None:
+    """Called on every rank; rank 0 writes. It ends in a collective, which also carries a failure of rank 0's
+    writes (disk full, permissions) to every rank instead of leaving them waiting."""
+    error: Exception | None = None
+    try:
+        if run.dist.is_main:
+            write_checkpoint(run, step, final)
+            write_pictures(run, step)
+            log.info("step %d: saved %s%s", step, run.out / CHECKPOINT_LATEST, " and " + CHECKPOINT_FINAL if final else "")
+    except Exception as e:  # noqa: BLE001 -- re-raised below, on every rank
+        error = e
+    if any_rank(error is not None, run.dist):
+        if error is not None:
+            raise error
+        raise RuntimeError(f"rank 0 failed to save step {step} (its log says why)")
+
+
+class StepReport:
+    """``on_step`` of :func:`.engine.train_steps`: the probe when due, then on rank 0 a line of ``metrics.jsonl``,
+    the bar and the log; then, on every rank, whether to save and whether to stop. A context manager: the bar and
+    ``metrics.jsonl`` are open while the loop runs."""
+
+    def __init__(self, run: Run, stop: StopRequest) -> None:
+        self.run, self.stop = run, stop
+        self.t_start = time.perf_counter()
+        self.bar = tqdm(total=run.sched.total_steps, initial=run.start, unit="step", dynamic_ncols=True,
+                        disable=not (run.dist.is_main and run.opts.progress), desc="pre-training")  # fmt: skip
+        self.metrics = open_metrics(run.out) if run.dist.is_main else None
+
+    def __enter__(self) -> StepReport:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+        if self.metrics:
+            self.metrics.close()
+
+    def probe_due(self, step: int) -> bool:
+        run = self.run
+        return run.probe is not None and (step == run.start + 1 or step % run.opts.probe_every == 0 or step == run.end)
+
+    def __call__(self, step: int, m: dict) -> bool:
+        run = self.run
+        if self.probe_due(step):
+            m = m | run.probe(run.model.encoder, run.dist.device, AUTOCAST[run.precision])
+        if run.dist.is_main:
+            self.record(step, m)
+        stopping = any_rank(self.stop.requested, run.dist)
+        if stopping or step % run.opts.save_every == 0 or step == run.end:
+            save(run, step, final=step == run.sched.total_steps)
+        return stopping
+
+    def record(self, step: int, m: dict) -> None:
+        run, sched = self.run, self.run.sched
+        append_metrics(self.metrics, {"step": step, "epoch": step / sched.steps_per_epoch} | m)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", crops_s=f"{m['crops_per_s']:.2f}")
+        if step % run.opts.log_every == 0 or step == run.end:
+            eta = (time.perf_counter() - self.t_start) / (step - run.start) * (sched.total_steps - step)
+            log.info(
+                "step %d/%d epoch %.2f | %s | lr %.3g | %.2f crops/s | ETA %s",
+                step, sched.total_steps, step / sched.steps_per_epoch,
+                " ".join(f"{k} {m[k]:.4f}" for k in m if k[:3] in ("los", "rec", "ali")),
+                m["lr"], m["crops_per_s"], tqdm.format_interval(eta),
+            )  # fmt: skip
+
+
+def complete_schedule(run: Run) -> RunResult:
+    """A resumed run whose schedule is already done: only ``checkpoint_final`` is written, if missing."""
+    # rank 0 decides, every rank saves: save() ends in a barrier every rank must reach
+    if any_rank(run.dist.is_main and not (run.out / CHECKPOINT_FINAL).is_file(), run.dist):
+        save(run, run.start, final=True)
+    log.info("the schedule (%d steps) is already complete", run.sched.total_steps)
+    return RunResult("finished", run.start, run.model)
+
+
+def data_parallel(run: Run) -> torch.nn.Module:
+    """The module the loop trains: the model, wrapped in DDP when there are several processes."""
+    if not run.dist.enabled:
+        return run.model
+    # The 1x1x1 conv weights' gradients come out channels-last, so DDP copies them into its buckets: harmless (a
+    # few small tensors), but it warns on every rank at the first step.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    device = run.dist.device
+    return DistributedDataParallel(run.model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def train(run: Run, crops: Dataset) -> RunResult:
+    """Steps ``run.start .. run.end`` with SIGINT/SIGTERM turned into "save, then stop"."""
+    opts, dist = run.opts, run.dist
+    net = data_parallel(run)
+    loader = DataLoader(EpochCrops(crops), batch_size=opts.batch_size, sampler=run.order,
+                        num_workers=opts.num_workers, pin_memory=dist.device.type == "cuda",
+                        worker_init_fn=ignore_stop_signals if opts.num_workers else None)  # fmt: skip
+    with StopRequest(message=STOP_MESSAGE) as stop, StepReport(run, stop) as report:
+        done = train_steps(net, iter(loader), run.optimizer, run.scaler, run.sched.lr_at, run.start, run.end,
+                           opts.accumulate, opts.seed, dist, run.precision, opts.clip_grad, report)  # fmt: skip
+    if done >= run.sched.total_steps:
+        log.info("finished: %s", run.out / CHECKPOINT_FINAL)
+        return RunResult("finished", done, run.model)
+    how = "interrupted" if stop.requested else "stopped"
+    log.info("%s at step %d of %d; continue with: mim_nnunet_pretrain -o %s --resume", how, done,
+             run.sched.total_steps, run.out)  # fmt: skip
+    return RunResult(how, done, run.model, stop.signum)
 
 
 def run_pretraining(
@@ -232,211 +470,12 @@ def run_pretraining(
     (:class:`RunFolderError`) unless ``overwrite``, which removes that run's files first.
     """
     out = Path(out_dir)
-
-    def check_folder() -> None:
-        if dist.is_main:
-            if problem := check_run_folder(out, resume, overwrite):
-                raise RunFolderError(problem)
-            remove_temporaries(out)
-            if overwrite and (gone := clear_run_folder(out)):
-                log.warning("--overwrite: removed %s from %s", ", ".join(gone), out)
-
-    _on_every_rank(check_folder, dist)  # also a barrier: no rank reads the folder while rank 0 clears it
-    precision = resolve_precision(opts.precision, dist.device)
-    torch.manual_seed(opts.seed)  # the initial weights (DDP also broadcasts rank 0's)
-    model = build_pretraining_model(opts.preset, **opts.model_overrides()).to(dist.device)
-    order = CropOrder(len(crops), opts.batch_size, opts.accumulate, dist.world_size, dist.rank, opts.seed)
-    sched = plan_schedule(opts, order.steps_per_epoch, dist.world_size)
-    optimizer = build_optimizer(model, sched.lr, opts.weight_decay)
-    scaler = torch.amp.GradScaler(dist.device.type, enabled=precision == "fp16")
-    start, pair_complete = 0, False  # pair_complete: the latest pair on disk is whole (may become the fallback)
+    # also a barrier: no rank reads the folder while rank 0 clears it
+    _on_every_rank(dist, prepare_folder, out, resume, overwrite, dist)
+    run = build_run(out, opts, crops, data, dist)
     if resume:
-        start, pair_complete = _on_every_rank(
-            lambda: restore(out, model, optimizer, scaler, order, opts, dist, data), dist
-        )
-    order.start_step = start
-    end = sched.total_steps if opts.stop_after is None else min(sched.total_steps, start + opts.stop_after)
-
-    def metadata(step: int) -> CheckpointMetadata:
-        return CheckpointMetadata(
-            preset=opts.preset, config=model.config.to_dict(), spacing=[float(s) for s in data["spacing"]],
-            intensity_window=[float(w) for w in data["window"]], token_size=TOKEN_SIZE,
-            input_size=model.input_size, crop_size=model.crop_size, corpus=data.get("corpus", {}), step=step,
-            epoch=step // sched.steps_per_epoch, code_version=__version__,
-        )  # fmt: skip
-
-    preview_crop = EpochCrops(crops)[0, 0][None] if dist.is_main else None
-    probe = None
-    if opts.probe and dist.is_main:
-        from .probe import LinearProbe
-
-        probe = LinearProbe.from_dataset(opts.probe, opts.probe_cases, model.crop_size, data["spacing"],
-                                         data["window"], opts.seed)  # fmt: skip
-
-    def write(step: int, final: bool) -> None:
-        nonlocal pair_complete
-        if dist.is_main:
-            if pair_complete:  # keep the whole pair on disk until the new one is whole too
-                keep_previous_pair(out)
-            pair_complete = False
-            sha = save_checkpoint(out / CHECKPOINT_LATEST, model.state_dict(), metadata(step))
-            save_resume_state(out / RESUME_STATE, {
-                "format": RESUME_FORMAT, "step": step, "weights_sha256": sha,
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "schedule": asdict(sched),
-                "data": data_position(order, opts, dist, step),
-                "rng": {"seed": opts.seed, "scheme": "masks: Generator(mix(seed, rank, step, micro)); "
-                        "global RNG re-seeded with mix(seed, rank, step) each step; crops: (seed, epoch, index)"},
-            })  # fmt: skip
-            pair_complete = True
-            if final:
-                save_checkpoint(out / CHECKPOINT_FINAL, model.state_dict(), metadata(step))
-            model.eval()
-            with (
-                torch.no_grad(),
-                torch.autocast(dist.device.type, AUTOCAST[precision], enabled=precision != "fp32"),
-            ):
-                preview = model(
-                    preview_crop.to(dist.device), generator=torch.Generator().manual_seed(opts.seed)
-                )
-            model.train()
-            save_previews(preview, out / PREVIEWS, step, model.config.norm_pix_loss)
-            plot_progress(read_metrics(out), out / PROGRESS)
-            log.info(
-                "step %d: saved %s%s",
-                step,
-                out / CHECKPOINT_LATEST,
-                " and " + CHECKPOINT_FINAL if final else "",
-            )
-
-    def save(step: int, final: bool = False) -> None:
-        """Called on every rank; rank 0 writes. It ends in a collective, which also carries a failure of rank 0's
-        writes (disk full, permissions) to every rank instead of leaving them waiting."""
-        error: Exception | None = None
-        try:
-            write(step, final)
-        except Exception as e:  # noqa: BLE001 -- re-raised below, on every rank
-            error = e
-        if any_rank(error is not None, dist):
-            if error is not None:
-                raise error
-            raise RuntimeError(f"rank 0 failed to save step {step} (its log says why)")
-
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        reset_metrics(out, start if resume else None)
-        info = {"options": asdict(opts), "model": model.config.to_dict(),
-                "data": {k: v for k, v in data.items() if k != "corpus"},
-                "derived": asdict(sched) | {"precision": precision, "world_size": dist.world_size,
-                                            "device": str(dist.device)},
-                "code_version": __version__}  # fmt: skip
-        write_config(out, info)
-        log.info(
-            "%s%s: preset %s, %d volumes, %d crops per step (%d x %d accumulated x %d processes), lr %.3g, "
-            "%d steps (%d per epoch, warm-up %d), precision %s on %s",
-            "resuming " if resume else "",
-            out,
-            opts.preset,
-            len(crops),
-            sched.effective_batch,
-            opts.batch_size,
-            opts.accumulate,
-            dist.world_size,
-            sched.lr,
-            sched.total_steps,
-            sched.steps_per_epoch,
-            sched.warmup_steps,
-            precision,
-            dist.device,
-        )
-    if start >= sched.total_steps:
-        # rank 0 decides, every rank saves: save() ends in a barrier every rank must reach
-        if any_rank(dist.is_main and not (out / CHECKPOINT_FINAL).is_file(), dist):
-            save(start, final=True)
-        log.info("the schedule (%d steps) is already complete", sched.total_steps)
-        return RunResult("finished", start, model)
-
-    net = model
-    if dist.enabled:
-        # The 1x1x1 conv weights' gradients come out channels-last, so DDP copies them into its buckets: harmless
-        # (a few small tensors), but it warns on every rank at the first step.
-        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-        net = DistributedDataParallel(
-            model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
-        )
-    loader = DataLoader(
-        EpochCrops(crops),
-        batch_size=opts.batch_size,
-        sampler=order,
-        num_workers=opts.num_workers,
-        pin_memory=dist.device.type == "cuda",
-        worker_init_fn=ignore_stop_signals if opts.num_workers else None,
-    )
-    stop = StopRequest()
-    t_start = time.perf_counter()
-    bar = tqdm(
-        total=sched.total_steps,
-        initial=start,
-        unit="step",
-        disable=not (dist.is_main and opts.progress),
-        dynamic_ncols=True,
-        desc="pre-training",
-    )
-    metrics_file = open_metrics(out) if dist.is_main else None
-
-    def on_step(step: int, m: dict) -> bool:
-        if probe is not None and (step == start + 1 or step % opts.probe_every == 0 or step == end):
-            m = m | probe(model.encoder, dist.device, AUTOCAST[precision])
-        if dist.is_main:
-            append_metrics(metrics_file, {"step": step, "epoch": step / sched.steps_per_epoch} | m)
-            bar.update(1)
-            bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", crops_s=f"{m['crops_per_s']:.2f}")
-            if step % opts.log_every == 0 or step == end:
-                eta = (time.perf_counter() - t_start) / (step - start) * (sched.total_steps - step)
-                log.info(
-                    "step %d/%d epoch %.2f | %s | lr %.3g | %.2f crops/s | ETA %s",
-                    step,
-                    sched.total_steps,
-                    step / sched.steps_per_epoch,
-                    " ".join(f"{k} {m[k]:.4f}" for k in m if k[:3] in ("los", "rec", "ali")),
-                    m["lr"],
-                    m["crops_per_s"],
-                    tqdm.format_interval(eta),
-                )
-        stopping = any_rank(stop.requested, dist)
-        if stopping or step % opts.save_every == 0 or step == end:
-            save(step, final=step == sched.total_steps)
-        return stopping
-
-    try:
-        done = train_steps(
-            net,
-            iter(loader),
-            optimizer,
-            scaler,
-            sched.lr_at,
-            start,
-            end,
-            opts.accumulate,
-            opts.seed,
-            dist,
-            precision,
-            opts.clip_grad,
-            on_step,
-        )
-    finally:
-        stop.restore()
-        bar.close()
-        if metrics_file:
-            metrics_file.close()
-    if done >= sched.total_steps:
-        log.info("finished: %s", out / CHECKPOINT_FINAL)
-        return RunResult("finished", done, model)
-    how = "interrupted" if stop.requested else "stopped"
-    log.info(
-        "%s at step %d of %d; continue with: mim_nnunet_pretrain -o %s --resume",
-        how,
-        done,
-        sched.total_steps,
-        out,
-    )
-    return RunResult(how, done, model, stop.signum)
+        restore_run(run)
+    report_start(run, len(crops), resume)
+    if run.start >= run.sched.total_steps:
+        return complete_schedule(run)
+    return train(run, crops)

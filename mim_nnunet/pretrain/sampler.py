@@ -11,12 +11,13 @@ along with each index, so DataLoader workers need no shared state.
 from __future__ import annotations
 
 import math
-import signal
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
+
+from ..interrupt import ignore_stop_signals
 
 
 def mix_seed(*parts: int) -> int:
@@ -76,12 +77,5 @@ class EpochCrops(Dataset):
         return self.crops[i]
 
 
-def ignore_stop_signals(_worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: SIGINT (Ctrl-C) and SIGTERM (Slurm's time limit, ``scancel``: sent to the
-    whole process group) are for the main process, which finishes the step, saves and stops the workers. A
-    worker that died of SIGTERM would instead make the main process abort mid-step, with nothing saved."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
+# ignore_stop_signals, the workers' side of the stop mechanism, lives with the rest of it (mim_nnunet/interrupt.py)
 ignore_sigint = ignore_stop_signals  # the former name
