@@ -1,4 +1,4 @@
-"""Collapse watch of the cross-level alignment (mim_method.md §4; issue 10).
+"""Collapse watch of the cross-level alignment (mim_method.md §4).
 
 The alignment loss ``2 - 2 cos`` is trained on both heads' outputs; only the parent's *input* is detached. Nothing
 in the loss itself stops both heads from mapping every input to one direction: the loss then falls to 0 while

@@ -1,4 +1,4 @@
-"""A linear probe during pre-training (issue 10): do the encoder's representations get better, without fine-tuning?
+"""A linear probe during pre-training: do the encoder's representations get better, without fine-tuning?
 
 Every N optimizer steps, a multinomial logistic regression is fitted on frozen, unmasked encoder features at a few
 thousand sampled voxels of K labeled cases and scored (mean foreground Dice) on voxels of other, held-out cases.
