@@ -1,21 +1,27 @@
-"""Lesions in the phantoms: the organ phantoms stay as they were, a lesion is always labeled, visible and not
-found by a threshold, and deterministic."""
+"""Lesions in the phantoms and the two tumour datasets: the organ phantoms stay as they were, a lesion is always
+labeled, visible and not found by a threshold; KiTS23's and MSD Task03's labels, the lesion-free quarter,
+determinism."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
+from mim_nnunet.cli.phantoms import main as phantoms_main
 from mim_nnunet.data.phantoms import (
     DISEASES,
     LABELS,
     LESION_LABELS,
     PSF_MM,
     _stream_seed,
+    lesion_counts,
     lesion_report,
     make_phantom,
+    write_nnunet_dataset,
 )
 
 MID = (120.0, 110.0, 120.0)  # big enough for kidney masses, small enough to be fast
@@ -127,3 +133,90 @@ def test_lesions_visible_but_not_thresholdable():
         assert r["threshold_dice"] < MAX_LESION_THRESHOLD_DICE, (
             f"{where}: best-threshold Dice {r['threshold_dice']:.3f} >= {MAX_LESION_THRESHOLD_DICE}"
         )
+
+
+def test_lesion_free_quarter_and_counts():
+    for count, free in ((1, 0), (2, 1), (4, 1), (8, 2), (10, 3), (40, 10)):
+        cases = lesion_counts("kits", 0, 1, count)
+        assert sum(c["kidney"] == 0 for c in cases) == free
+        assert all(0 <= c["kidney"] <= 3 for c in cases)
+    liver = lesion_counts("liver-tumour", 0, 1, 40)
+    assert {c["liver"] for c in liver} == {0, 1, 2, 3, 4}
+    assert lesion_counts("liver-tumour", 0, 1, 40) == liver != lesion_counts("liver-tumour", 1, 1, 40)
+    assert lesion_counts("organs", 0, 1, 3) == [None, None, None]
+
+
+def _dataset(root, task, seed=3):
+    return write_nnunet_dataset(
+        root, n_train=4, n_test=2, seed=seed, shape_mm=MID, spacing=(2.0,) * 3, task=task
+    )
+
+
+def test_kits_dataset_labels_regions_and_lesion_free_cases(tmp_path):
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    folder = _dataset(tmp_path, "kits")
+    assert folder.name == "Dataset993_KiTSPhantom"
+    meta = json.loads((folder / "dataset.json").read_text())
+    assert meta["labels"] == {"background": 0, "kidney": [1, 2, 3], "masses": [2, 3], "tumor": 2}
+    assert meta["regions_class_order"] == [1, 3, 2] and meta["numTraining"] == 4
+    manager = LabelManager(meta["labels"], meta["regions_class_order"])
+    assert manager.has_regions and manager.all_labels == [0, 1, 2, 3]
+    assert manager.foreground_regions == [(1, 2, 3), (2, 3), 2]
+    trains = sorted(p.name for p in (folder / "labelsTr").iterdir())
+    assert trains == [f"case_{i:05d}.nii.gz" for i in range(4)]
+    assert sorted(p.name for p in (folder / "imagesTs").iterdir()) == [
+        "case_00004_0000.nii.gz",
+        "case_00005_0000.nii.gz",
+    ]
+    for split, stream, first in (("Tr", 1, 0), ("Ts", 2, 4)):
+        counts = lesion_counts("kits", 3, stream, 4 if split == "Tr" else 2)
+        for i, c in enumerate(counts):
+            values = _values(folder / f"labels{split}" / f"case_{first + i:05d}.nii.gz")
+            assert 1 in values and values <= {0, 1, 2, 3}
+            assert bool(values & {2, 3}) == (c["kidney"] > 0)
+        assert sum(c["kidney"] == 0 for c in counts) == 1  # a quarter of 4, and of 2 rounded up
+    # the regions and regions_class_order give the labels back, as nnU-Net exports a region prediction
+    lab = _arr(sitk.ReadImage(str(folder / "labelsTr" / "case_00000.nii.gz")))
+    regions = np.stack([np.isin(lab, r) for r in manager.foreground_regions]).astype(np.float32)
+    assert np.array_equal(manager.convert_probabilities_to_segmentation(regions), lab)
+
+
+def test_liver_tumour_dataset_and_determinism(tmp_path):
+    folder = _dataset(tmp_path / "a", "liver-tumour")
+    assert folder.name == "Dataset994_LiverTumourPhantom"
+    meta = json.loads((folder / "dataset.json").read_text())
+    assert meta["labels"] == {"background": 0, "liver": 1, "cancer": 2} and "regions_class_order" not in meta
+    names = sorted(p.name for p in (folder / "labelsTr").iterdir())
+    assert names == [f"liver_{i}.nii.gz" for i in range(4)]
+    counts = lesion_counts("liver-tumour", 3, 1, 4)
+    for i, c in enumerate(counts):
+        values = _values(folder / "labelsTr" / f"liver_{i}.nii.gz")
+        assert 1 in values and values <= {0, 1, 2} and (2 in values) == (c["liver"] > 0)
+        if c["liver"] == 0:  # a lesion-free case is the organ phantom of its seed
+            image = sitk.ReadImage(str(folder / "imagesTr" / f"liver_{i}_0000.nii.gz"))
+            organs, _ = make_phantom(_stream_seed(3, 1, i), MID, (2.0,) * 3)
+            assert np.array_equal(_arr(image), _arr(organs))
+    again = _dataset(tmp_path / "b", "liver-tumour")
+    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+        for p in (folder / sub).iterdir():
+            assert np.array_equal(
+                _arr(sitk.ReadImage(str(p))), _arr(sitk.ReadImage(str(again / sub / p.name)))
+            )
+
+
+def test_dataset_cli_task(tmp_path):
+    size = ["--size-mm", "120", "110", "120", "--spacing", "2", "2", "2"]
+    assert (
+        phantoms_main(
+            ["dataset", "--raw", str(tmp_path), "--task", "kits", "--train", "2", "--test", "0", *size]
+        )
+        == 0
+    )
+    meta = json.loads((tmp_path / "Dataset993_KiTSPhantom" / "dataset.json").read_text())
+    assert meta["regions_class_order"] == [1, 3, 2]
+    assert phantoms_main(["dataset", "--raw", str(tmp_path), "--id", "995", "--name", "L", "--task", "liver-tumour",
+                          "--train", "1", "--test", "0", *size]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "Dataset995_L" / "dataset.json").read_text())["labels"]["cancer"] == 2
+    with pytest.raises(SystemExit):
+        phantoms_main(["dataset", "--raw", str(tmp_path), "--task", "lungs"])

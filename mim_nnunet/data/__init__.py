@@ -9,6 +9,7 @@ from .loader import CropDataset
 from .phantoms import (
     LABELS,
     LESION_LABELS,
+    TASKS,
     lesion_report,
     make_phantom,
     write_nnunet_dataset,
@@ -20,6 +21,7 @@ from .sources import CaseSource, resolve_inputs
 __all__ = [
     "LABELS",
     "LESION_LABELS",
+    "TASKS",
     "CaseSource",
     "CorpusError",
     "CorpusReport",

@@ -12,6 +12,8 @@ liver lesions (:func:`_liver_lesions`) and kidney masses, tumours and cysts (:fu
 from their own seed streams and are painted after the anatomy and before the blur and the noise, so a phantom
 without lesions is the organ phantom of its seed, voxel for voxel, and one with lesions differs from it only
 within the blur's reach of a lesion. :func:`lesion_report` extends the organ measures to every lesion.
+:data:`TASKS` names the labeled datasets: the organs, a KiTS23-like kidney-tumour one (region-based labels) and
+an MSD Task03-like liver-tumour one.
 
 Every phantom is an analytic object defined in *physical* (LPS, mm) coordinates and sampled on a grid with its
 own spacing, size, origin and direction cosines. Directions are signed permutations: some images are stored
@@ -556,41 +558,126 @@ def write_unlabeled_corpus(
     return paths
 
 
+@dataclass(frozen=True)
+class Task:
+    """A labeled dataset the generator writes: its default name and id, the disease its cases carry, its labels."""
+
+    name: str
+    dataset_id: int
+    labels: dict  # dataset.json "labels"; a list is a region (nnU-Net region-based training)
+    relabel: dict[int, int] | None  # phantom label value -> the dataset's (any other -> 0); None: as they are
+    case: str  # case name, formatted with name, split ("tr"/"ts"), i (index in its split), n (over both)
+    disease: str | None = None  # of DISEASES: cases carry 1..max_lesions of it, the lesion-free ones none
+    regions_class_order: tuple[int, ...] | None = None
+
+
+#: the labeled datasets of :func:`write_nnunet_dataset` (``mim_nnunet_phantoms dataset --task``)
+TASKS = {
+    "organs": Task("MiMPhantom", 990, LABELS, None, "{name}_{split}{i:03d}"),
+    # KiTS23: values kidney 1, tumour 2, cyst 3, trained as the regions it is scored on (kidney and masses,
+    # masses, tumour), in the form of nnU-Net's Dataset220_KiTS2023 dataset.json; case names as KiTS23's
+    "kits": Task(
+        "KiTSPhantom",
+        993,
+        {"background": 0, "kidney": [1, 2, 3], "masses": [2, 3], "tumor": 2},
+        {LABELS["kidneys"]: 1, LESION_LABELS["kidney_tumour"]: 2, LESION_LABELS["kidney_cyst"]: 3},
+        "case_{n:05d}",
+        disease="kidney",
+        regions_class_order=(1, 3, 2),
+    ),
+    # MSD Task03_Liver: liver 1, tumour 2 (its dataset.json calls the tumour "cancer"); case names as MSD's
+    "liver-tumour": Task(
+        "LiverTumourPhantom",
+        994,
+        {"background": 0, "liver": 1, "cancer": 2},
+        {LABELS["liver"]: 1, LESION_LABELS["liver_tumour"]: 2},
+        "liver_{n}",
+        disease="liver",
+    ),
+}
+
+#: share of a tumour task's cases (per split, rounded half up) without any lesion, as in real tumour datasets
+LESION_FREE_FRACTION = 0.25
+#: entropy word of the per-split choice of the lesion-free cases and the lesion counts
+_COUNT_STREAM = 1_000_003
+
+
+def lesion_counts(task: str, seed: int, stream: int, count: int) -> list[dict[str, int] | None]:
+    """The ``lesions`` argument of :func:`make_phantom` for each case of one split of a task.
+
+    ``round(count * LESION_FREE_FRACTION)`` cases (half up), chosen by the seed, get none; the others 1 to the
+    disease's ``max_lesions``. ``None`` for every case of a task without disease (the organ phantoms).
+    """
+    disease = TASKS[task].disease
+    if disease is None:
+        return [None] * count
+    rng = np.random.default_rng(np.random.SeedSequence([seed, _COUNT_STREAM, stream]))
+    free = set(rng.permutation(count)[: int(np.floor(count * LESION_FREE_FRACTION + 0.5))].tolist())
+    top = DISEASES[disease].max_lesions
+    return [{disease: 0 if i in free else int(rng.integers(1, top + 1))} for i in range(count)]
+
+
+def _relabel(label: sitk.Image, table: dict[int, int]) -> sitk.Image:
+    lut = np.zeros(256, np.uint8)
+    for src, dst in table.items():
+        lut[src] = dst
+    out = sitk.GetImageFromArray(lut[sitk.GetArrayFromImage(label)])
+    out.CopyInformation(label)
+    return out
+
+
 def write_nnunet_dataset(
     raw_root: str | Path,
-    dataset_id: int = 990,
-    name: str = "MiMPhantom",
+    dataset_id: int | None = None,
+    name: str | None = None,
     n_train: int = 8,
     n_test: int = 2,
     seed: int = 0,
     *,
     shape_mm: tuple[float, float, float] | None = None,
     spacing: tuple[float, float, float] | None = None,
+    task: str = "organs",
 ) -> Path:
     """A labeled nnU-Net v2 raw dataset ``raw_root/DatasetXXX_Name`` (imagesTr/labelsTr/imagesTs/labelsTs).
 
-    Labels follow :data:`LABELS`. Training and test cases use seed streams distinct from
-    :func:`write_unlabeled_corpus`, so a corpus and a dataset with the same seed share no case.
+    ``task`` names one of :data:`TASKS`: ``organs`` (labels :data:`LABELS`, the default), ``kits`` (kidney 1,
+    tumour 2, cyst 3 as KiTS23, with its regions) or ``liver-tumour`` (liver 1, tumour 2 as MSD Task03);
+    ``dataset_id`` and ``name`` default to the task's. Case i of a split is the same organ phantom in every task
+    (a tumour task adds its lesions, :func:`lesion_counts`). Training and test cases use seed streams distinct
+    from :func:`write_unlabeled_corpus`, so a corpus and a dataset with the same seed share no case.
     ``shape_mm`` / ``spacing`` as in :func:`write_unlabeled_corpus`.
     """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASKS)}")
+    t = TASKS[task]
+    dataset_id = t.dataset_id if dataset_id is None else dataset_id
+    name = t.name if name is None else name
     if not 1 <= dataset_id <= 999:
         raise ValueError(f"nnU-Net dataset ids are 1..999, got {dataset_id}")
     folder = Path(raw_root) / f"Dataset{dataset_id:03d}_{name}"
-    for split, count, stream in (("Tr", n_train, 1), ("Ts", n_test, 2)):
+    for split, count, stream, first in (("Tr", n_train, 1, 0), ("Ts", n_test, 2, n_train)):
         (folder / f"images{split}").mkdir(parents=True, exist_ok=True)
         (folder / f"labels{split}").mkdir(parents=True, exist_ok=True)
-        for i in range(count):
-            case = f"{name}_{split.lower()}{i:03d}"
-            image, label = make_phantom(_stream_seed(seed, stream, i), shape_mm, spacing, labels=True)
+        for i, lesions in enumerate(lesion_counts(task, seed, stream, count)):
+            case = t.case.format(name=name, split=split.lower(), i=i, n=first + i)
+            image, label = make_phantom(
+                _stream_seed(seed, stream, i), shape_mm, spacing, labels=True, lesions=lesions
+            )
+            if t.relabel is not None:
+                label = _relabel(label, t.relabel)
             sitk.WriteImage(
                 image, str(folder / f"images{split}" / f"{case}_0000.nii.gz"), useCompression=True
             )
             sitk.WriteImage(label, str(folder / f"labels{split}" / f"{case}.nii.gz"), useCompression=True)
+    description = f"Synthetic CT phantoms generated by mim_nnunet.data.phantoms (seed {seed})"
+    if t.disease is not None:
+        description += f", task {task}: {t.disease} lesions, a quarter of the cases without"
     dataset_json = {
         "name": name,
-        "description": f"Synthetic CT phantoms generated by mim_nnunet.data.phantoms (seed {seed})",
+        "description": description,
         "channel_names": {"0": "CT"},
-        "labels": LABELS,
+        "labels": t.labels,
+        **({"regions_class_order": list(t.regions_class_order)} if t.regions_class_order else {}),
         "numTraining": n_train,
         "file_ending": ".nii.gz",
         "licence": "CC0 (synthetic)",
