@@ -411,9 +411,9 @@ def _log_uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
 def _liver_lesions(seeds: np.random.SeedSequence, a: _Anatomy, img, lab, n: int) -> None:
     """Up to ``n`` liver lesions, labeled ``liver_tumour``, inside the liver label only.
 
-    Metastasis- or HCC-like: 60 % hypo-attenuating (55-80 HU under the parenchyma), 40 % hyper-attenuating
-    (55-80 HU over it); 5-40 mm, at most 70 % of the liver's smallest diameter (the phantom liver is 30-75 mm
-    across); round to lobulated (wobble 0.05-0.35). A third of the hypo ones >= 10 mm have an enhancing rim, a third
+    Metastasis- or HCC-like: 60 % hypo-attenuating (60-85 HU under the parenchyma), 40 % hyper-attenuating
+    (60-85 HU over it); 5-40 mm, at most 70 % of the liver's smallest diameter (the phantom liver is 30-75 mm
+    across); round to lobulated (wobble 0.05-0.35). A third of the hypo ones >= 14 mm have an enhancing rim, a third
     of the others >= 12 mm a necrotic (0-20 HU) core. Each lesion draws from its own child stream.
     """
     liver = a.liver
@@ -425,11 +425,11 @@ def _liver_lesions(seeds: np.random.SeedSequence, a: _Anatomy, img, lab, n: int)
         d = _log_uniform(rng, 5.0, cap)
         blob = _Blob(rng, liver.c, d / 2.0 * rng.uniform(0.85, 1.15, size=3), wobble=rng.uniform(0.05, 0.35))
         hyper = bool(rng.random() < 0.4)
-        hu = a.liver_hu + (1.0 if hyper else -1.0) * rng.uniform(55.0, 80.0)
+        hu = a.liver_hu + (1.0 if hyper else -1.0) * rng.uniform(60.0, 85.0)
         u_rim, u_core = rng.random(2)
-        rim_mm, rim_hu = rng.uniform(1.5, 3.0), a.liver_hu + rng.uniform(45.0, 70.0)
+        rim_mm, rim_hu = min(rng.uniform(1.5, 3.0), d / 8.0), a.liver_hu + rng.uniform(45.0, 70.0)
         core_scale, core_hu = rng.uniform(0.35, 0.6), rng.uniform(0.0, 20.0)
-        rim = not hyper and d >= 10.0 and u_rim < 0.35
+        rim = not hyper and d >= 14.0 and u_rim < 0.35  # a rim thinner than a quarter of the radius
         core = not rim and d >= 12.0 and u_core < 0.35
         # centres in the liver shrunk to 80 %: a lesion may reach the capsule but not sit outside it
         centres = (
