@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ..data.phantoms import LABELS, write_nnunet_dataset, write_unlabeled_corpus
+from ..data.phantoms import TASKS, write_nnunet_dataset, write_unlabeled_corpus
+
+
+def _labels(labels: dict) -> str:
+    return ", ".join(f"{k} {'+'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in labels.items())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,13 +46,36 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser(
         "dataset",
         parents=[geometry],
-        help="labeled nnU-Net v2 raw dataset RAW/DatasetXXX_NAME (labels: "
-        + ", ".join(f"{v} {k}" for k, v in LABELS.items())
-        + ")",
+        help="labeled nnU-Net v2 raw dataset RAW/DatasetXXX_NAME: organs, or a tumour task (docs/tumours.md)",
     )
     d.add_argument("--raw", required=True, help="nnU-Net raw root, usually $nnUNet_raw")
-    d.add_argument("--id", type=int, default=990, help="dataset id 1..999 (default 990)")
-    d.add_argument("--name", default="MiMPhantom", help="dataset name (default MiMPhantom)")
+    d.add_argument(
+        "--task",
+        choices=list(TASKS),
+        default="organs",
+        help="organs (default): "
+        + _labels(TASKS["organs"].labels)
+        + "; kits: KiTS23's values and regions ("
+        + _labels(TASKS["kits"].labels)
+        + "); liver-tumour: as MSD Task03 ("
+        + _labels(TASKS["liver-tumour"].labels)
+        + "). A tumour task leaves a quarter of the cases without lesion",
+    )
+    d.add_argument(
+        "--id",
+        type=int,
+        default=None,
+        help="dataset id 1..999 (default: the task's, "
+        + ", ".join(f"{k} {t.dataset_id}" for k, t in TASKS.items())
+        + ")",
+    )
+    d.add_argument(
+        "--name",
+        default=None,
+        help="dataset name (default: the task's, "
+        + ", ".join(f"{k} {t.name}" for k, t in TASKS.items())
+        + ")",
+    )
     d.add_argument("--train", type=int, default=8, help="training cases, imagesTr/labelsTr (default 8)")
     d.add_argument("--test", type=int, default=2, help="test cases, imagesTs/labelsTs (default 2)")
     d.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
@@ -74,8 +101,15 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             shape_mm=args.size_mm,
             spacing=args.spacing,
+            task=args.task,
         )
-        log.info("wrote nnU-Net dataset %s (%d training, %d test cases)", folder, args.train, args.test)
+        log.info(
+            "wrote nnU-Net dataset %s (task %s: %d training, %d test cases)",
+            folder,
+            args.task,
+            args.train,
+            args.test,
+        )
     return 0
 
 

@@ -7,6 +7,14 @@ NIfTI like a real CT. The labeled organs are a fair test (docs/study.md, "The ph
 over the noise, but with randomly shaped outlines, textures and HU ranges shared with their neighbours, so
 that no HU threshold segments them; :func:`organ_report` measures both.
 
+Lesions are optional and each disease is its own function registered in :data:`DISEASES` (docs/tumours.md):
+liver lesions (:func:`_liver_lesions`) and kidney masses, tumours and cysts (:func:`_kidney_masses`). They draw
+from their own seed streams and are painted after the anatomy and before the blur and the noise, so a phantom
+without lesions is the organ phantom of its seed, voxel for voxel, and one with lesions differs from it only
+within the blur's reach of a lesion. :func:`lesion_report` extends the organ measures to every lesion.
+:data:`TASKS` names the labeled datasets: the organs, a KiTS23-like kidney-tumour one (region-based labels) and
+an MSD Task03-like liver-tumour one.
+
 Every phantom is an analytic object defined in *physical* (LPS, mm) coordinates and sampled on a grid with its
 own spacing, size, origin and direction cosines. Directions are signed permutations: some images are stored
 with flipped or permuted axes, exactly as real scans come, so any reader must use the image geometry and not
@@ -18,6 +26,7 @@ This module writes files but knows nothing about pre-training or networks.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +36,14 @@ from scipy import ndimage
 
 #: label values of the labeled dataset (nnU-Net: consecutive integers, 0 = background)
 LABELS = {"background": 0, "liver": 1, "spleen": 2, "kidneys": 3}
+#: label values of the lesions in a phantom's label map (after the organs; a task's dataset renumbers them)
+LESION_LABELS = {"liver_tumour": 4, "kidney_tumour": 5, "kidney_cyst": 6}
+#: the organ each lesion label grows in: its contrast is measured against that organ's parenchyma
+LESION_HOST = {
+    LESION_LABELS["liver_tumour"]: LABELS["liver"],
+    LESION_LABELS["kidney_tumour"]: LABELS["kidneys"],
+    LESION_LABELS["kidney_cyst"]: LABELS["kidneys"],
+}
 
 AIR_HU = -1000
 #: sigma (mm) of the Gaussian point-spread function that blurs every border (partial volume)
@@ -159,6 +176,7 @@ def make_phantom(
     *,
     direction: tuple[float, ...] | np.ndarray | None = None,
     noise_hu: float | None = None,
+    lesions: Mapping[str, int] | None = None,
 ) -> tuple[sitk.Image, sitk.Image | None]:
     """One synthetic CT (int16, HU) and, if ``labels``, its label map (uint8, values of :data:`LABELS`).
 
@@ -166,7 +184,14 @@ def make_phantom(
     ``spacing``: SimpleITK order (image axes i, j, k); default in-plane 0.7-1.0 mm, slices 1.0-3.0 mm.
     ``direction``: 3x3 direction cosines (a signed permutation; row-major as SimpleITK); default drawn from the
     seed (identity, flipped or permuted). ``noise_hu``: Gaussian noise sigma; default drawn in [8, 20].
+    ``lesions``: how many lesions of each disease of :data:`DISEASES` to grow (``{"liver": 3, "kidney": 1}``),
+    labeled with :data:`LESION_LABELS`; none by default. Fewer are placed when an organ has no room left.
     """
+    for disease, count in (lesions or {}).items():
+        if disease not in DISEASES:
+            raise ValueError(f"unknown disease {disease!r}; expected one of {sorted(DISEASES)}")
+        if int(count) < 0:
+            raise ValueError(f"{disease} lesion count must be >= 0, got {count}")
     rng = np.random.default_rng(seed)
     ext = np.asarray(
         shape_mm if shape_mm is not None else rng.uniform(100.0, 160.0, size=3), dtype=np.float64
@@ -231,19 +256,23 @@ def make_phantom(
     # the distractors, and their own texture (docs/study.md, "The phantoms as a test").
     liver = _Blob(rng, (-0.35 * rx, -0.1 * ry, 0.1 * hz), (0.5 * rx * j(), 0.55 * ry * j(), 0.35 * hz * j()))
     spleen = _Blob(rng, (0.55 * rx, 0.35 * ry, 0.15 * hz), (0.2 * rx * j(), 0.25 * ry * j(), 0.2 * hz * j()))
+    organ_hu = {}
     for label, blob, hu, amp, wavelength in (
         (1, liver, rng.uniform(90, 115), 8.0, 12.0),  # mottled parenchyma
         (2, spleen, rng.uniform(95, 125), 3.0, 25.0),  # nearly homogeneous
     ):
+        organ_hu[label] = hu
         m, found = blob.mask(g), blob.box(g)
         if found is not None:
             sl, sub = found
             img[sl][m[sl]] = (hu + amp * _texture(sub, rng, wavelength))[m[sl]]
             lab[m] = label
     cortex_hu, medulla_hu = rng.uniform(150, 190), rng.uniform(80, 110)
+    kidneys = []
     for side in (-1, 1):
         c = (side * 0.45 * rx, 0.45 * ry, -0.45 * hz + side * 0.03 * hz)
         kidney = _Blob(rng, c, (0.16 * rx * j(), 0.2 * ry * j(), 0.28 * hz * j()), wobble=0.1)
+        kidneys.append(kidney)
         m = kidney.mask(g)
         img[m], lab[m] = cortex_hu, 3
         img[kidney.mask(g, 0.65)] = medulla_hu
@@ -274,9 +303,29 @@ def make_phantom(
     rib_hu, rib_r = rng.uniform(600, 900), rng.uniform(2.5, 4.0)
     rho = np.sqrt((g.x / (0.92 * rx)) ** 2 + (g.y / (0.92 * ry)) ** 2)
     radial = (rho - 1.0) * 0.92 * 0.5 * (rx + ry)
+    bone_and_vessels = aorta | ivc | spine
     for zk in np.arange(0.0, hz, period):
         rib = (radial**2 + (g.z - zk) ** 2 <= rib_r**2) & (g.y > -0.4 * ry)
         img[rib], lab[rib] = rib_hu, 0
+        bone_and_vessels |= rib
+
+    # lesions: after the anatomy (so that no later structure hides one), before the blur and the noise; each
+    # disease draws from its own stream, which leaves every organ, the noise and the other diseases unchanged
+    if lesions:
+        anatomy = _Anatomy(
+            g,
+            inner & ~bone_and_vessels & (lab == 0),
+            liver,
+            tuple(kidneys),
+            organ_hu[1],
+            cortex_hu,
+            medulla_hu,
+        )
+        for disease, count in lesions.items():
+            spec = DISEASES[disease]
+            spec.grow(
+                np.random.SeedSequence([seed, _LESION_STREAM, spec.stream]), anatomy, img, lab, int(count)
+            )
 
     # partial volume: the scanner's point-spread function (about 1 mm) blurs every border before the noise
     img = ndimage.gaussian_filter(img, [PSF_MM / s for s in spacing_ijk[::-1]], mode="nearest")
@@ -293,6 +342,197 @@ def make_phantom(
         return im
 
     return to_image(img), (to_image(lab) if labels else None)
+
+
+# --- lesions: one function per disease, each on its own seed stream (docs/tumours.md) ------------------------
+
+#: entropy word of the lesion streams: ``SeedSequence([case seed, _LESION_STREAM, disease stream])``
+_LESION_STREAM = 1_000_033
+
+
+@dataclass
+class _Anatomy:
+    """What a disease needs of the phantom it grows in (physical mm, HU drawn for this case)."""
+
+    grid: _Grid
+    soft_tissue: np.ndarray  # unlabeled soft tissue a mass may grow into: no bone, vessel, fat, air or organ
+    liver: _Blob
+    kidneys: tuple[_Blob, ...]
+    liver_hu: float
+    cortex_hu: float
+    medulla_hu: float
+
+
+def _point_in(blob: _Blob, p, scale: float = 1.0) -> bool:
+    """Whether the physical point ``p`` lies in ``blob`` shrunk by ``scale`` (no grid needed)."""
+    g = _Grid(*(np.full((1, 1, 1), v, np.float32) for v in p), (1, 1, 1))
+    return bool(blob._inside(g, scale)[0, 0, 0])
+
+
+def _lands_in(g: _Grid, region: np.ndarray, p, half_mm: float = 1.5) -> bool:
+    """Whether every voxel within ``half_mm`` of the point ``p`` lies in ``region``: a lesion centred there is
+    not hidden under a vessel, a rib or a neighbouring organ, so that it paints at least its core."""
+    found = g.box(p, (half_mm,) * 3)
+    return found is not None and bool(region[found[0]].all())
+
+
+def _reach(blob: _Blob) -> float:
+    return max(blob.r) * (1.0 + float(blob.amps.sum()))
+
+
+def _place(blob: _Blob, candidates, placed: list, gap_mm: float = 2.0) -> bool:
+    """Move ``blob`` to the first candidate centre clear of the lesions in ``placed`` (then add it there).
+
+    Lesions never touch, so that each one is its own connected component, as lesion-wise scores count them.
+    """
+    reach = _reach(blob)
+    for p in candidates:
+        if all(np.linalg.norm(p - q) >= reach + r + gap_mm for q, r in placed):
+            blob.c = tuple(float(v) for v in p)
+            placed.append((p, reach))
+            return True
+    return False
+
+
+def _surface_point(rng: np.random.Generator, blob: _Blob) -> tuple[np.ndarray, np.ndarray]:
+    """A random point of ``blob``'s ellipsoid (its rotation, not its wobble) and the unit vector out to it."""
+    v = rng.normal(size=3)
+    u = v / np.linalg.norm(v) * np.asarray(blob.r)  # on the ellipsoid, in the blob's own (rotated) frame
+    ca, sa = np.cos(blob.angle), np.sin(blob.angle)
+    w = np.array([ca * u[0] - sa * u[1], sa * u[0] + ca * u[1], u[2]])
+    return np.asarray(blob.c) + w, w / np.linalg.norm(w)
+
+
+def _log_uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
+    """Diameters: log-uniform, so that small lesions (the hard ones) are as common per octave as large ones."""
+    return float(np.exp(rng.uniform(np.log(lo), np.log(max(hi, lo)))))
+
+
+def _liver_lesions(seeds: np.random.SeedSequence, a: _Anatomy, img, lab, n: int) -> None:
+    """Up to ``n`` liver lesions, labeled ``liver_tumour``, inside the liver label only.
+
+    Metastasis- or HCC-like: 60 % hypo-attenuating (60-85 HU under the parenchyma), 40 % hyper-attenuating
+    (60-85 HU over it); 5-40 mm, at most 70 % of the liver's smallest diameter (the phantom liver is 30-75 mm
+    across); round to lobulated (wobble 0.05-0.35). A third of the hypo ones >= 14 mm have an enhancing rim, a third
+    of the others >= 12 mm a necrotic (0-20 HU) core. Each lesion draws from its own child stream.
+    """
+    liver = a.liver
+    cap = min(40.0, 0.7 * 2.0 * min(liver.r))
+    parenchyma = lab == LABELS["liver"]
+    placed: list = []
+    for child in seeds.spawn(n):
+        rng = np.random.default_rng(child)
+        d = _log_uniform(rng, 5.0, cap)
+        blob = _Blob(rng, liver.c, d / 2.0 * rng.uniform(0.85, 1.15, size=3), wobble=rng.uniform(0.05, 0.35))
+        hyper = bool(rng.random() < 0.4)
+        hu = a.liver_hu + (1.0 if hyper else -1.0) * rng.uniform(60.0, 85.0)
+        u_rim, u_core = rng.random(2)
+        rim_mm, rim_hu = min(rng.uniform(1.5, 3.0), d / 8.0), a.liver_hu + rng.uniform(45.0, 70.0)
+        core_scale, core_hu = rng.uniform(0.35, 0.6), rng.uniform(0.0, 20.0)
+        rim = not hyper and d >= 14.0 and u_rim < 0.35  # a rim thinner than a quarter of the radius
+        core = not rim and d >= 12.0 and u_core < 0.35
+        # centres in the liver shrunk to 80 %: a lesion may reach the capsule but not sit outside it
+        centres = (
+            p
+            for p in (np.asarray(liver.c) + rng.uniform(-1, 1, 3) * np.asarray(liver.r) for _ in range(200))
+            if _point_in(liver, p, 0.8) and _lands_in(a.grid, parenchyma, p)
+        )
+        if not _place(blob, centres, placed):
+            continue  # no room left in this liver
+        found = blob.box(a.grid)
+        if found is None:
+            continue
+        sl, sub = found
+        m = blob._inside(sub, 1.0) & (lab[sl] == LABELS["liver"])
+        values = hu + 6.0 * _texture(sub, rng, 8.0)
+        if rim:
+            values = np.where(blob._inside(sub, max(0.2, 1.0 - rim_mm / (d / 2.0))), values, rim_hu)
+        if core:
+            values = np.where(blob._inside(sub, core_scale), core_hu, values)
+        img[sl][m] = values[m]
+        lab[sl][m] = LESION_LABELS["liver_tumour"]
+
+
+def _mass_centre(
+    rng: np.random.Generator, kidney: _Blob, radius: float, exophytic: bool
+) -> np.ndarray | None:
+    """A candidate centre of a kidney mass of ``radius`` (mm), or None where it is not the kind asked for.
+
+    In the cortex: at 80-95 % of the way from the kidney's centre to its surface. Exophytic: 10-60 % of its
+    radius beyond the surface, its centre outside the kidney and its inner side (80 % of the radius in) inside,
+    so that it bulges out of the kidney and never floats beside it.
+    """
+    s, out = _surface_point(rng, kidney)
+    if not exophytic:
+        p = np.asarray(kidney.c) + (s - np.asarray(kidney.c)) * rng.uniform(0.8, 0.95)
+        return p if _point_in(kidney, p) else None
+    p = s + out * rng.uniform(0.1, 0.6) * radius
+    return p if _point_in(kidney, p - out * 0.8 * radius) and not _point_in(kidney, p) else None
+
+
+def _kidney_masses(seeds: np.random.SeedSequence, a: _Anatomy, img, lab, n: int) -> None:
+    """Up to ``n`` kidney masses, the KiTS distinction: solid tumours (60 %) and cysts (40 %).
+
+    Tumour: heterogeneous (8 HU texture, 10 mm; a necrotic 10-30 HU core in 40 % of those >= 10 mm), wobble
+    0.1-0.3, hypo-enhancing: 50-65 HU under the medulla (so >= 90 under the cortex), 15-60 HU, i.e. near the
+    soft tissue an exophytic one bulges into (measured: docs/tumours.md). Cyst: near water (0-15 HU), homogeneous,
+    round, a 0.8 mm enhancing wall. Half of the masses lie in the cortex (clipped to the kidney label), half are
+    exophytic (most of the mass bulges into the unlabeled soft tissue, never into another organ, a vessel or
+    bone), see :func:`_mass_centre`. Diameter 5-30 mm, at most 1.6 times the kidney's smallest radius. Each
+    mass draws from its own child stream.
+    """
+    placed: list = []
+    parenchyma = lab == LABELS["kidneys"]
+    around = parenchyma | a.soft_tissue
+    for child in seeds.spawn(n):
+        rng = np.random.default_rng(child)
+        kidney = a.kidneys[int(rng.integers(len(a.kidneys)))]
+        cyst = bool(rng.random() < 0.4)
+        exophytic = bool(rng.random() < 0.5)
+        d = _log_uniform(rng, 5.0, min(30.0, 1.6 * min(kidney.r)))
+        wobble = 0.03 if cyst else rng.uniform(0.1, 0.3)
+        blob = _Blob(rng, kidney.c, d / 2.0 * rng.uniform(0.9, 1.1, size=3), wobble=wobble)
+        tumour_hu = a.medulla_hu - rng.uniform(50.0, 65.0)
+        necrosis = bool(rng.random() < 0.4) and d >= 10.0
+        core_scale, core_hu = rng.uniform(0.3, 0.55), rng.uniform(10.0, 30.0)
+        fluid_hu, wall_hu = rng.uniform(0.0, 15.0), a.cortex_hu - rng.uniform(20.0, 50.0)
+        tissue = around if exophytic else parenchyma
+        tries = (_mass_centre(rng, kidney, min(blob.r), exophytic) for _ in range(100))
+        centres = (p for p in tries if p is not None and _lands_in(a.grid, tissue, p))
+        if not _place(blob, centres, placed):
+            continue
+        found = blob.box(a.grid)
+        if found is None:
+            continue
+        sl, sub = found
+        host = lab[sl] == LABELS["kidneys"]
+        m = blob._inside(sub, 1.0) & ((host | a.soft_tissue[sl]) if exophytic else host)
+        if cyst:
+            values = np.where(blob._inside(sub, max(0.2, 1.0 - 0.8 / (d / 2.0))), fluid_hu, wall_hu)
+            value = LESION_LABELS["kidney_cyst"]
+        else:
+            values = tumour_hu + 8.0 * _texture(sub, rng, 10.0)
+            if necrosis:
+                values = np.where(blob._inside(sub, core_scale), core_hu, values)
+            value = LESION_LABELS["kidney_tumour"]
+        img[sl][m] = values[m]
+        lab[sl][m] = value
+
+
+@dataclass(frozen=True)
+class Disease:
+    """A lesion type a phantom can carry: its seed stream, how many a tumour task's case draws, its painter."""
+
+    stream: int
+    max_lesions: int
+    grow: Callable[[np.random.SeedSequence, _Anatomy, np.ndarray, np.ndarray, int], None]
+
+
+#: the diseases of :func:`make_phantom`'s ``lesions`` (a new one: a painter function and a row here)
+DISEASES = {
+    "liver": Disease(stream=1, max_lesions=4, grow=_liver_lesions),
+    "kidney": Disease(stream=2, max_lesions=3, grow=_kidney_masses),
+}
 
 
 def write_unlabeled_corpus(
@@ -318,41 +558,126 @@ def write_unlabeled_corpus(
     return paths
 
 
+@dataclass(frozen=True)
+class Task:
+    """A labeled dataset the generator writes: its default name and id, the disease its cases carry, its labels."""
+
+    name: str
+    dataset_id: int
+    labels: dict  # dataset.json "labels"; a list is a region (nnU-Net region-based training)
+    relabel: dict[int, int] | None  # phantom label value -> the dataset's (any other -> 0); None: as they are
+    case: str  # case name, formatted with name, split ("tr"/"ts"), i (index in its split), n (over both)
+    disease: str | None = None  # of DISEASES: cases carry 1..max_lesions of it, the lesion-free ones none
+    regions_class_order: tuple[int, ...] | None = None
+
+
+#: the labeled datasets of :func:`write_nnunet_dataset` (``mim_nnunet_phantoms dataset --task``)
+TASKS = {
+    "organs": Task("MiMPhantom", 990, LABELS, None, "{name}_{split}{i:03d}"),
+    # KiTS23: values kidney 1, tumour 2, cyst 3, trained as the regions it is scored on (kidney and masses,
+    # masses, tumour), in the form of nnU-Net's Dataset220_KiTS2023 dataset.json; case names as KiTS23's
+    "kits": Task(
+        "KiTSPhantom",
+        993,
+        {"background": 0, "kidney": [1, 2, 3], "masses": [2, 3], "tumor": 2},
+        {LABELS["kidneys"]: 1, LESION_LABELS["kidney_tumour"]: 2, LESION_LABELS["kidney_cyst"]: 3},
+        "case_{n:05d}",
+        disease="kidney",
+        regions_class_order=(1, 3, 2),
+    ),
+    # MSD Task03_Liver: liver 1, tumour 2 (its dataset.json calls the tumour "cancer"); case names as MSD's
+    "liver-tumour": Task(
+        "LiverTumourPhantom",
+        994,
+        {"background": 0, "liver": 1, "cancer": 2},
+        {LABELS["liver"]: 1, LESION_LABELS["liver_tumour"]: 2},
+        "liver_{n}",
+        disease="liver",
+    ),
+}
+
+#: share of a tumour task's cases (per split, rounded half up) without any lesion, as in real tumour datasets
+LESION_FREE_FRACTION = 0.25
+#: entropy word of the per-split choice of the lesion-free cases and the lesion counts
+_COUNT_STREAM = 1_000_003
+
+
+def lesion_counts(task: str, seed: int, stream: int, count: int) -> list[dict[str, int] | None]:
+    """The ``lesions`` argument of :func:`make_phantom` for each case of one split of a task.
+
+    ``round(count * LESION_FREE_FRACTION)`` cases (half up), chosen by the seed, get none; the others 1 to the
+    disease's ``max_lesions``. ``None`` for every case of a task without disease (the organ phantoms).
+    """
+    disease = TASKS[task].disease
+    if disease is None:
+        return [None] * count
+    rng = np.random.default_rng(np.random.SeedSequence([seed, _COUNT_STREAM, stream]))
+    free = set(rng.permutation(count)[: int(np.floor(count * LESION_FREE_FRACTION + 0.5))].tolist())
+    top = DISEASES[disease].max_lesions
+    return [{disease: 0 if i in free else int(rng.integers(1, top + 1))} for i in range(count)]
+
+
+def _relabel(label: sitk.Image, table: dict[int, int]) -> sitk.Image:
+    lut = np.zeros(256, np.uint8)
+    for src, dst in table.items():
+        lut[src] = dst
+    out = sitk.GetImageFromArray(lut[sitk.GetArrayFromImage(label)])
+    out.CopyInformation(label)
+    return out
+
+
 def write_nnunet_dataset(
     raw_root: str | Path,
-    dataset_id: int = 990,
-    name: str = "MiMPhantom",
+    dataset_id: int | None = None,
+    name: str | None = None,
     n_train: int = 8,
     n_test: int = 2,
     seed: int = 0,
     *,
     shape_mm: tuple[float, float, float] | None = None,
     spacing: tuple[float, float, float] | None = None,
+    task: str = "organs",
 ) -> Path:
     """A labeled nnU-Net v2 raw dataset ``raw_root/DatasetXXX_Name`` (imagesTr/labelsTr/imagesTs/labelsTs).
 
-    Labels follow :data:`LABELS`. Training and test cases use seed streams distinct from
-    :func:`write_unlabeled_corpus`, so a corpus and a dataset with the same seed share no case.
+    ``task`` names one of :data:`TASKS`: ``organs`` (labels :data:`LABELS`, the default), ``kits`` (kidney 1,
+    tumour 2, cyst 3 as KiTS23, with its regions) or ``liver-tumour`` (liver 1, tumour 2 as MSD Task03);
+    ``dataset_id`` and ``name`` default to the task's. Case i of a split is the same organ phantom in every task
+    (a tumour task adds its lesions, :func:`lesion_counts`). Training and test cases use seed streams distinct
+    from :func:`write_unlabeled_corpus`, so a corpus and a dataset with the same seed share no case.
     ``shape_mm`` / ``spacing`` as in :func:`write_unlabeled_corpus`.
     """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASKS)}")
+    t = TASKS[task]
+    dataset_id = t.dataset_id if dataset_id is None else dataset_id
+    name = t.name if name is None else name
     if not 1 <= dataset_id <= 999:
         raise ValueError(f"nnU-Net dataset ids are 1..999, got {dataset_id}")
     folder = Path(raw_root) / f"Dataset{dataset_id:03d}_{name}"
-    for split, count, stream in (("Tr", n_train, 1), ("Ts", n_test, 2)):
+    for split, count, stream, first in (("Tr", n_train, 1, 0), ("Ts", n_test, 2, n_train)):
         (folder / f"images{split}").mkdir(parents=True, exist_ok=True)
         (folder / f"labels{split}").mkdir(parents=True, exist_ok=True)
-        for i in range(count):
-            case = f"{name}_{split.lower()}{i:03d}"
-            image, label = make_phantom(_stream_seed(seed, stream, i), shape_mm, spacing, labels=True)
+        for i, lesions in enumerate(lesion_counts(task, seed, stream, count)):
+            case = t.case.format(name=name, split=split.lower(), i=i, n=first + i)
+            image, label = make_phantom(
+                _stream_seed(seed, stream, i), shape_mm, spacing, labels=True, lesions=lesions
+            )
+            if t.relabel is not None:
+                label = _relabel(label, t.relabel)
             sitk.WriteImage(
                 image, str(folder / f"images{split}" / f"{case}_0000.nii.gz"), useCompression=True
             )
             sitk.WriteImage(label, str(folder / f"labels{split}" / f"{case}.nii.gz"), useCompression=True)
+    description = f"Synthetic CT phantoms generated by mim_nnunet.data.phantoms (seed {seed})"
+    if t.disease is not None:
+        description += f", task {task}: {t.disease} lesions, a quarter of the cases without"
     dataset_json = {
         "name": name,
-        "description": f"Synthetic CT phantoms generated by mim_nnunet.data.phantoms (seed {seed})",
+        "description": description,
         "channel_names": {"0": "CT"},
-        "labels": LABELS,
+        "labels": t.labels,
+        **({"regions_class_order": list(t.regions_class_order)} if t.regions_class_order else {}),
         "numTraining": n_train,
         "file_ending": ".nii.gz",
         "licence": "CC0 (synthetic)",
@@ -384,10 +709,21 @@ def organ_cnr(image: np.ndarray, label: np.ndarray, organ: int, spacing_zyx, she
     img = image.astype(np.float32)
     contrast = abs(float(np.median(img[inside])) - float(np.median(img[shell])))
     # differences along the first array axis whose both voxels lie inside the organ
-    both = inside[1:] & inside[:-1]
-    diff = (img[1:] - img[:-1])[both]
-    noise = 1.4826 * float(np.median(np.abs(diff - np.median(diff)))) / np.sqrt(2.0)
+    noise = _noise_sigma(_pair_differences(img, inside, 0))
     return contrast / max(noise, 1e-6)
+
+
+def _pair_differences(img: np.ndarray, region: np.ndarray, axis: int) -> np.ndarray:
+    """Differences of neighbouring voxels along ``axis`` whose both voxels lie in ``region``."""
+    a, b = [slice(None)] * img.ndim, [slice(None)] * img.ndim
+    a[axis], b[axis] = slice(1, None), slice(None, -1)
+    a, b = tuple(a), tuple(b)
+    return (img[a] - img[b])[region[a] & region[b]]
+
+
+def _noise_sigma(diff: np.ndarray) -> float:
+    """White-noise sigma from neighbour differences: their robust sigma (1.4826 MAD) over sqrt(2)."""
+    return 1.4826 * float(np.median(np.abs(diff - np.median(diff)))) / np.sqrt(2.0)
 
 
 def best_threshold_dice(image: np.ndarray, label: np.ndarray, organ: int, bin_hu: float = 5.0) -> float:
@@ -401,18 +737,28 @@ def best_threshold_dice(image: np.ndarray, label: np.ndarray, organ: int, bin_hu
     n_organ = int(mask.sum())
     if n_organ == 0:
         raise ValueError(f"organ {organ} is absent from the label map")
-    lo, hi = float(img.min()), float(img.max())
-    edges = np.arange(lo, hi + bin_hu, bin_hu)
+    edges = _hu_edges(img, bin_hu)
     if len(edges) < 2:
         return 1.0
     h_all = np.histogram(img, edges)[0].astype(np.float64)
     h_org = np.histogram(img[mask], edges)[0].astype(np.float64)
-    c_all, c_org = np.concatenate([[0], np.cumsum(h_all)]), np.concatenate([[0], np.cumsum(h_org)])
+    return _best_interval_dice(h_all, h_org, n_organ)
+
+
+def _hu_edges(img: np.ndarray, bin_hu: float) -> np.ndarray:
+    """The HU grid of the interval search: from the image's minimum to its maximum in steps of ``bin_hu``."""
+    lo, hi = float(img.min()), float(img.max())
+    return np.arange(lo, hi + bin_hu, bin_hu)
+
+
+def _best_interval_dice(h_all: np.ndarray, h_target: np.ndarray, n_target: int) -> float:
+    """The best Dice of a run of histogram bins: ``h_all`` counts what the interval takes, ``h_target`` the hits."""
+    c_all, c_org = np.concatenate([[0], np.cumsum(h_all)]), np.concatenate([[0], np.cumsum(h_target)])
     # interval of bins [a, b): TP = c_org[b] - c_org[a], predicted = c_all[b] - c_all[a]
     tp = c_org[None, :] - c_org[:, None]
     pred = c_all[None, :] - c_all[:, None]
     valid = np.triu(np.ones_like(tp, dtype=bool), 1)
-    dsc = np.where(valid, 2.0 * tp / np.maximum(pred + n_organ, 1.0), 0.0)
+    dsc = np.where(valid, 2.0 * tp / np.maximum(pred + n_target, 1.0), 0.0)
     return float(dsc.max())
 
 
@@ -431,3 +777,86 @@ def organ_report(image: sitk.Image, label: sitk.Image) -> dict[str, dict[str, fl
             "volume_ml": float((lab == value).sum()) * voxel_ml,
         }
     return out
+
+
+# --- is each lesion a fair test? (the organ measures, per lesion) -------------------------------------------
+
+#: size bins (mm, equivalent-sphere diameter) of :func:`lesion_report`'s summaries: < 10, 10-20, >= 20
+LESION_SIZE_BINS_MM = (10.0, 20.0)
+
+
+def lesion_type(value: int, contrast_hu: float) -> str:
+    """The reported type of a lesion: its label, and for a liver lesion whether it is darker than the liver."""
+    if value == LESION_LABELS["liver_tumour"]:
+        return "liver lesion, hyper" if contrast_hu > 0 else "liver lesion, hypo"
+    return {LESION_LABELS["kidney_tumour"]: "kidney tumour", LESION_LABELS["kidney_cyst"]: "kidney cyst"}[
+        value
+    ]
+
+
+def size_bin(diameter_mm: float) -> str:
+    lo, hi = LESION_SIZE_BINS_MM
+    return (
+        f"< {lo:g} mm" if diameter_mm < lo else (f"{lo:g}-{hi:g} mm" if diameter_mm < hi else f">= {hi:g} mm")
+    )
+
+
+def lesion_report(
+    image: sitk.Image, label: sitk.Image, shell_mm: float = 4.0, bin_hu: float = 5.0
+) -> list[dict[str, float | str]]:
+    """One row per lesion (a connected component of a :data:`LESION_LABELS` value) of a phantom.
+
+    Row: ``type`` (:func:`lesion_type`), ``diameter_mm`` (of the sphere of its volume), ``volume_ml``,
+    ``contrast_hu`` (signed: median inside it, >= 2 mm from its border, or >= 1 mm or all of it when that is
+    under 8 voxels, minus the median of the host organ's parenchyma within ``shell_mm`` of it, or of the whole
+    shell when the host has under 8 voxels there), ``cnr`` (|contrast| over the white-noise sigma of
+    :func:`organ_cnr`, from the neighbour differences along all three axes inside the lesion and inside that
+    shell: a small lesion has too few pairs of its own), ``threshold_dice`` (the best single HU interval over the
+    whole image, as :func:`best_threshold_dice`; the other lesions count neither way) and
+    ``organ_threshold_dice`` (the same interval search within the host organ and this lesion only: what a
+    threshold finds once the organ is known).
+    """
+    img = sitk.GetArrayFromImage(image).astype(np.float32)
+    lab = sitk.GetArrayFromImage(label)
+    spacing = [float(s) for s in image.GetSpacing()[::-1]]
+    voxel_mm3 = float(np.prod(spacing))
+    edges = _hu_edges(img, bin_hu)
+    h_img = np.histogram(img, edges)[0].astype(np.float64)
+    h_lesions = np.histogram(img[np.isin(lab, list(LESION_LABELS.values()))], edges)[0].astype(np.float64)
+    margin = [int(np.ceil((shell_mm + 1.0) / s)) + 1 for s in spacing]
+    rows: list[dict[str, float | str]] = []
+    for value in LESION_LABELS.values():
+        components, n = ndimage.label(lab == value, structure=np.ones((3, 3, 3)))
+        if n == 0:
+            continue
+        host_all = lab == LESION_HOST[value]
+        h_host = np.histogram(img[host_all], edges)[0].astype(np.float64)
+        for k, box in enumerate(ndimage.find_objects(components), 1):
+            crop = tuple(
+                slice(max(0, b.start - m), min(dim, b.stop + m)) for b, m, dim in zip(box, margin, lab.shape)
+            )
+            im, lesion, host = img[crop], components[crop] == k, host_all[crop]
+            n_voxels = int(lesion.sum())
+            h_self = np.histogram(im[lesion], edges)[0].astype(np.float64)
+            depth = ndimage.distance_transform_edt(lesion, sampling=spacing)
+            inside = next((m for m in (depth >= 2.0, depth >= 1.0) if m.sum() >= 8), lesion)
+            around = ndimage.distance_transform_edt(~lesion, sampling=spacing)
+            shell = (around > 0) & (around <= shell_mm)
+            if (shell & host).sum() >= 8:
+                shell = shell & host
+            contrast = float(np.median(im[inside])) - float(np.median(im[shell]))
+            diffs = [_pair_differences(im, region, ax) for region in (inside, shell) for ax in range(3)]
+            noise = _noise_sigma(np.concatenate(diffs))
+            diameter = float((6.0 * n_voxels * voxel_mm3 / np.pi) ** (1.0 / 3.0))
+            rows.append(
+                {
+                    "type": lesion_type(value, contrast),
+                    "diameter_mm": diameter,
+                    "volume_ml": n_voxels * voxel_mm3 / 1000.0,
+                    "contrast_hu": contrast,
+                    "cnr": abs(contrast) / max(noise, 1e-6),
+                    "threshold_dice": _best_interval_dice(h_img - h_lesions + h_self, h_self, n_voxels),
+                    "organ_threshold_dice": _best_interval_dice(h_host + h_self, h_self, n_voxels),
+                }
+            )
+    return rows
