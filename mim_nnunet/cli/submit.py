@@ -4,6 +4,7 @@
     mim_nnunet_submit -i IMAGES --profile kits23 --check-only PRED_DIR [-m MODEL | --labels 0,1,2,3]
     mim_nnunet_submit evaluate -p PRED_DIR -r REF_DIR --profile kits23 [-o summary.json]
     mim_nnunet_submit evaluate -p PRED_DIR -r REF_DIR --tolerance 2 [--labels 1,2+3] [--empty one] [--dataset-json F]
+    mim_nnunet_submit evaluate -p PRED_DIR -r REF_DIR --profile kits23 --lesions tumor [--lesion-iou 0.5]
     mim_nnunet_submit profiles
 
 Exit codes: 0 valid / done, 1 validation failed (nothing zipped), 2 bad arguments, profile or model.
@@ -19,6 +20,7 @@ import sys
 from pathlib import Path
 
 from mim_nnunet.submission.evaluate import evaluate_folders, format_table, label_names, save_result
+from mim_nnunet.submission.lesions import LesionSpec
 from mim_nnunet.submission.pipeline import OutputExistsError, check_only, submit
 from mim_nnunet.submission.predict import ModelError
 from mim_nnunet.submission.profiles import Profile, ProfileError, available_profiles, load_profile
@@ -42,6 +44,13 @@ def _target_list(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated labels or '+'-joined regions (e.g. 1,2+3), got {text!r}"
         )
+    return items
+
+
+def _name_list(text: str) -> list[str]:
+    items = [v.strip() for v in text.split(",") if v.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected comma-separated target names or keys, got {text!r}")
     return items
 
 
@@ -144,8 +153,9 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mim_nnunet_submit evaluate",
         description="Dice and normalised surface Dice (DeepMind's surface-distance library, as KiTS23 and FLARE "
-        "use it) per target and mean. Files are matched by relative path. With --profile the challenge's targets "
-        "(labels or regions), per-target tolerances and empty-mask rules apply.",
+        "use it) per target and mean; with --lesions also lesion-wise scores. Files are matched by relative path. "
+        "With --profile the challenge's targets (labels or regions), per-target tolerances and empty-mask rules "
+        "apply.",
     )
     p.add_argument("-p", "--pred", required=True, help="predictions folder")
     p.add_argument("-r", "--ref", required=True, help="reference segmentations folder")
@@ -177,6 +187,26 @@ def evaluate_parser() -> argparse.ArgumentParser:
         help="nnU-Net dataset.json whose label names name the targets (default: the profile's label names, else "
         "PRED_DIR/dataset.json as nnUNetv2_predict writes it, else the dataset.json beside REF_DIR; targets "
         "without a name are shown by their values)",
+    )
+    p.add_argument(
+        "--lesions",
+        type=_name_list,
+        metavar="TARGETS",
+        help="also score these targets lesion-wise (names, aliases or keys of scored targets, e.g. tumor or 2): "
+        "reference and predicted lesions (connected components) per case, detection sensitivity and false "
+        "positives at --lesion-iou, lesion-wise Dice; empty masks follow --empty / the profile",
+    )
+    p.add_argument(
+        "--lesion-iou",
+        type=float,
+        metavar="T",
+        help="IoU at which a predicted lesion detects a reference lesion, one-to-one (default 0.5)",
+    )
+    p.add_argument(
+        "--lesion-connectivity",
+        type=int,
+        choices=[4, 6, 8, 18, 26],
+        help="neighbours that join voxels into one lesion (default: full, 26 in 3D, 8 in 2D)",
     )
     p.add_argument("--allow-missing", action="store_true", help="skip references without a prediction")
     p.add_argument("-o", "--output", help="write the full result as JSON")
@@ -220,9 +250,15 @@ def _run_evaluate(argv: list[str]) -> int:
         if args.profile and spec is None and args.tolerance is None:
             raise ProfileError(f"profile {args.profile!r} has no evaluation block: pass --tolerance MM")
         names, names_from = _target_names(args, profile)
+        lesions = None
+        if args.lesions:
+            iou = 0.5 if args.lesion_iou is None else args.lesion_iou
+            lesions = LesionSpec(tuple(args.lesions), iou, args.lesion_connectivity)
+        elif args.lesion_iou is not None or args.lesion_connectivity is not None:
+            raise ValueError("--lesion-iou and --lesion-connectivity need --lesions TARGETS")
         result = evaluate_folders(
             args.pred, args.ref, args.tolerance, args.labels, args.allow_missing, spec=spec, empty=args.empty,
-            names=names,
+            names=names, lesions=lesions,
         )
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -5,6 +5,7 @@ predict.py    nnU-Net's predictor, ensembling and determined post-processing for
 package.py    conversion to the profile's files, deterministic zip, manifest
 validate.py   per-case checks (exists, geometry, dtype, labels) and their report
 evaluate.py   Dice (nnU-Net's) and normalised surface Dice
+lesions.py    lesion-wise scores: connected components, one-to-one matching, sensitivity, false positives
 pipeline.py   the order of the steps and the output folder
 container/    Dockerfile + entry script for container-based challenges
 

@@ -20,6 +20,10 @@ What a challenge adds around the two metrics comes from its profile (``evaluatio
 - ``mean_excludes`` (FLARE23's organ mean leaves the lesion out).
 
 Without a profile the conventions are nnU-Net's (Dice via ``compute_tp_fp_fn_tn``, NaN for both-empty).
+
+Lesion-wise scores (counts, detection sensitivity, false positives, lesion-wise Dice) of the targets a
+:class:`~mim_nnunet.submission.lesions.LesionSpec` names are computed by lesions.py with the same empty-mask
+convention; the profile's ``reference_z_range`` crop does not apply to them.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import SimpleITK as sitk
 import surface_distance
 from nnunetv2.evaluation.evaluate_predictions import compute_tp_fp_fn_tn
 
+from .lesions import LesionSpec, score_lesions, summarise
 from .profiles import IMAGE_ENDINGS, EvaluationSpec, Target
 from .validate import check_geometry
 
@@ -145,6 +150,20 @@ def label_names(labels: Mapping) -> dict[tuple[int, ...], str]:
     return out
 
 
+def lesion_targets(spec: LesionSpec, targets: Sequence[Target]) -> list[Target]:
+    """The scored targets ``spec`` names, by key (``2``, ``2+3``), name or alias (case-insensitive)."""
+    out = []
+    for wanted in spec.targets:
+        w = wanted.lower()
+        hit = [t for t in targets if w in {t.key, t.name.lower(), *(a.lower() for a in t.aliases)}]
+        if not hit:
+            known = ", ".join(t.key if t.name == t.key else f"{t.name} ({t.key})" for t in targets)
+            raise ValueError(f"lesion target {wanted!r} is not among the scored targets: {known}")
+        if hit[0] not in out:
+            out.append(hit[0])
+    return out
+
+
 def _read(path: Path) -> tuple[np.ndarray, sitk.Image]:
     img = sitk.ReadImage(str(path))
     return sitk.GetArrayFromImage(img), img
@@ -164,6 +183,7 @@ def evaluate_folders(
     spec: EvaluationSpec | None = None,
     empty: str | None = None,
     names: Mapping[tuple[int, ...], str] | None = None,
+    lesions: LesionSpec | None = None,
 ) -> dict:
     """Score every reference file that has a prediction of the same relative path.
 
@@ -172,6 +192,8 @@ def evaluate_folders(
     defaults to the spec's convention, else "nan". A reference without prediction is an error unless
     ``allow_missing`` (then it is listed and left out). ``names`` ({sorted values: name}, see
     :func:`label_names`) names the targets that are not the spec's; a target it lacks is named by its values.
+    ``lesions`` adds lesion-wise scores of the targets it names (``per_case[i]["lesions"]`` and
+    ``result["lesions"]``).
     """
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
     empty = empty or (spec.empty if spec else "nan")
@@ -219,18 +241,42 @@ def evaluate_folders(
         raise ValueError(f"targets {no_tol} have no NSD tolerance: pass --tolerance MM")
     floor = spec.nsd_zero_below_dice if spec is not None else None
     excludes = set(spec.mean_excludes) if spec is not None else set()
+    lesion_on = lesion_targets(lesions, targets) if lesions is not None else []
     per_case = []
     for rel, ref_arr, pred_arr, spacing in loaded:
         metrics = {
             t.key: score_target(ref_arr, pred_arr, spacing, t, t.tolerance_mm, empty, floor) for t in targets
         }
         per_case.append({"case": rel, "metrics": metrics})
+        if lesion_on:
+            try:
+                per_case[-1]["lesions"] = {
+                    t.key: score_lesions(
+                        np.isin(ref_arr, t.labels),
+                        np.isin(pred_arr, t.labels),
+                        spacing,
+                        lesions.iou_threshold,
+                        lesions.connectivity,
+                        empty,
+                    )
+                    for t in lesion_on
+                }
+            except ValueError as e:
+                raise ValueError(f"{rel}: {e}") from None
     mean = {
         t.key: {m: _nanmean([c["metrics"][t.key][m] for c in per_case]) for m in ("Dice", "NSD")}
         for t in targets
     }
     in_mean = [t.key for t in targets if t.name not in excludes]
     foreground_mean = {m: _nanmean([mean[k][m] for k in in_mean]) for m in ("Dice", "NSD")}
+    lesion_result = None
+    if lesion_on:
+        lesion_result = {
+            "targets": [t.key for t in lesion_on],
+            "iou_threshold": lesions.iou_threshold,
+            "connectivity": lesions.connectivity,
+            "mean": {t.key: summarise([c["lesions"][t.key] for c in per_case]) for t in lesion_on},
+        }
     return {
         "targets": [
             {
@@ -250,6 +296,7 @@ def evaluate_folders(
         "per_case": per_case,
         "mean": mean,
         "foreground_mean": foreground_mean,
+        "lesions": lesion_result,
     }
 
 
@@ -266,6 +313,25 @@ def format_table(result: dict) -> str:
     rows.append(
         f"({result['n_cases']} cases" + (f", {len(result['missing'])} missing)" if result["missing"] else ")")
     )
+    les = result.get("lesions")
+    if les:
+        conn = les["connectivity"] or "full"
+        thr, empty = les["iou_threshold"], result["empty"]
+        rows.append(f"lesions (IoU >= {thr:g}, connectivity {conn}, empty masks: {empty})")
+        rows.append(
+            f"{'target':>24} {'ref':>5} {'pred':>5} {'TP':>5} {'FN':>5} {'FP':>5} {'sens':>7} {'sens/les':>8} "
+            f"{'FP/case':>7} {'les.Dice':>8} {'match.Dice':>10}"
+        )
+        names = {t["key"]: t["name"] for t in result["targets"]}
+        for key in les["targets"]:
+            m = les["mean"][key]
+            name = names[key] if names[key] == key else f"{names[key]} ({key})"
+            rows.append(
+                f"{name:>24} {m['n_ref']:>5} {m['n_pred']:>5} {m['tp']:>5} {m['fn']:>5} {m['fp']:>5} "
+                f"{m['sensitivity']:>7.4f} {m['pooled_sensitivity']:>8.4f} {m['fp_per_case']:>7.2f} "
+                f"{m['lesion_dice']:>8.4f} {m['matched_dice']:>10.4f}"
+            )
+        rows.append("(sens: mean over cases; sens/les: detected / reference lesions, all cases pooled)")
     return "\n".join(rows)
 
 
