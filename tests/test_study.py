@@ -202,18 +202,24 @@ def test_splits_keep_existing_folds_when_other_ks_are_planned(tmp_path):
         sub.fold(3)
 
 
-def test_resumed_run_does_not_report_a_partial_training_time(tmp_path, monkeypatch):
-    """A run continued from checkpoint_latest.pth (``--c``) was timed only after the resume: no train time.
-    And the stock arm's epochs: ``--stock-epochs``, or the other arms' for ``nnUNet-eqiter``."""
-    import mim_nnunet.submission.evaluate as evaluate
-
-    study = _study_module()
+def _stock_arm_folders(study, tmp_path: Path) -> None:
+    """A raw dataset.json (10 training cases, one organ) and the stock plans: enough for Study.finetune with
+    ``_run`` and the evaluation monkeypatched."""
     raw = tmp_path / "nnUNet_raw" / study.DATASET
     raw.mkdir(parents=True)
     (raw / "dataset.json").write_text(json.dumps({"numTraining": 10, "labels": {"background": 0, "liver": 1}}))
     pre = tmp_path / "nnUNet_preprocessed" / study.DATASET
     pre.mkdir(parents=True)
     (pre / f"{study.STOCK_PLANS}.json").write_text(json.dumps({"configurations": {"3d_fullres": {"patch_size": [8, 8, 8]}}}))
+
+
+def test_resumed_run_does_not_report_a_partial_training_time(tmp_path, monkeypatch):
+    """A run continued from checkpoint_latest.pth (``--c``) was timed only after the resume: no train time.
+    And the stock arm's epochs: ``--stock-epochs``, or the other arms' for ``nnUNet-eqiter``."""
+    import mim_nnunet.submission.evaluate as evaluate
+
+    study = _study_module()
+    _stock_arm_folders(study, tmp_path)
     st = study.Study(tmp_path, study.Settings(ks=(2,), seeds=(0,), arms=("nnUNet",)))
     st.write_splits()
     commands = []
@@ -249,15 +255,10 @@ def test_snapshots_are_scored_along_a_run_and_reported(tmp_path, monkeypatch):
     import mim_nnunet.submission.evaluate as evaluate
 
     study = _study_module()
-    raw = tmp_path / "nnUNet_raw" / study.DATASET
-    raw.mkdir(parents=True)
-    (raw / "dataset.json").write_text(json.dumps({"numTraining": 10, "labels": {"background": 0, "liver": 1}}))
-    pre = tmp_path / "nnUNet_preprocessed" / study.DATASET
-    pre.mkdir(parents=True)
+    _stock_arm_folders(study, tmp_path)
     s = study.Settings(ks=(2,), seeds=(0,), arms=("nnUNet",), epochs=4, iters=5, snapshot_every=5, test=1,
                        stock_epochs=0)
     st = study.Study(tmp_path, s)
-    (pre / f"{study.STOCK_PLANS}.json").write_text(json.dumps({"configurations": {"3d_fullres": {"patch_size": [8, 8, 8]}}}))
     st.write_splits()
     commands, envs = [], []
     monkeypatch.setattr(study, "_run", lambda cmd, env, logfile: commands.append(cmd) or envs.append(env) or 1.0)
