@@ -1,11 +1,21 @@
-"""``mim_nnunet_phantoms``: write the embedded synthetic CT data (an unlabeled corpus or an nnU-Net dataset)."""
+"""``mim_nnunet_phantoms``: write the embedded synthetic CT data (an unlabeled corpus, a labeled nnU-Net dataset
+or a case-level classification dataset in the nnU-Net raw layout)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 
-from ..data.phantoms import TASKS, write_nnunet_dataset, write_unlabeled_corpus
+from ..data.phantoms import (
+    CLASSIFICATION_TASKS,
+    TASKS,
+    write_classification_dataset,
+    write_nnunet_dataset,
+    write_unlabeled_corpus,
+)
+
+#: every task ``dataset --task`` writes: segmentation (labelsTr) and classification (classesTr.csv)
+ALL_TASKS = {**TASKS, **CLASSIFICATION_TASKS}
 
 
 def _labels(labels: dict) -> str:
@@ -43,15 +53,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--out", required=True, help="output folder (created if missing)")
     c.add_argument("-n", "--num", type=int, default=16, help="number of volumes (default 16)")
     c.add_argument("--seed", type=int, default=0, help="corpus seed (default 0)")
+    _dataset_parser(sub, geometry)
+    return p
+
+
+def _dataset_parser(sub, geometry: argparse.ArgumentParser) -> None:
     d = sub.add_parser(
         "dataset",
         parents=[geometry],
-        help="labeled nnU-Net v2 raw dataset RAW/DatasetXXX_NAME: organs, or a tumour task (docs/tumours.md)",
+        help="nnU-Net v2 raw dataset RAW/DatasetXXX_NAME: organs, a tumour task (docs/tumours.md) or the "
+        "chest classification task (docs/classification.md)",
     )
     d.add_argument("--raw", required=True, help="nnU-Net raw root, usually $nnUNet_raw")
     d.add_argument(
         "--task",
-        choices=list(TASKS),
+        choices=list(ALL_TASKS),
         default="organs",
         help="organs (default): "
         + _labels(TASKS["organs"].labels)
@@ -59,27 +75,29 @@ def build_parser() -> argparse.ArgumentParser:
         + _labels(TASKS["kits"].labels)
         + "); liver-tumour: as MSD Task03 ("
         + _labels(TASKS["liver-tumour"].labels)
-        + "). A tumour task leaves a quarter of the cases without lesion",
+        + "). A tumour task leaves a quarter of the cases without lesion. cc-ccii: chest phantoms, one class "
+        "per case as CC-CCII ("
+        + ", ".join(CLASSIFICATION_TASKS["cc-ccii"].classes)
+        + ", balanced), in classesTr.csv / classesTs.csv instead of labelsTr / labelsTs",
     )
     d.add_argument(
         "--id",
         type=int,
         default=None,
         help="dataset id 1..999 (default: the task's, "
-        + ", ".join(f"{k} {t.dataset_id}" for k, t in TASKS.items())
+        + ", ".join(f"{k} {t.dataset_id}" for k, t in ALL_TASKS.items())
         + ")",
     )
     d.add_argument(
         "--name",
         default=None,
         help="dataset name (default: the task's, "
-        + ", ".join(f"{k} {t.name}" for k, t in TASKS.items())
+        + ", ".join(f"{k} {t.name}" for k, t in ALL_TASKS.items())
         + ")",
     )
-    d.add_argument("--train", type=int, default=8, help="training cases, imagesTr/labelsTr (default 8)")
-    d.add_argument("--test", type=int, default=2, help="test cases, imagesTs/labelsTs (default 2)")
+    d.add_argument("--train", type=int, default=8, help="training cases, imagesTr (default 8)")
+    d.add_argument("--test", type=int, default=2, help="test cases, imagesTs (default 2)")
     d.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         log.info("wrote %d phantoms to %s", len(paths), args.out)
     else:
-        folder = write_nnunet_dataset(
+        write = write_classification_dataset if args.task in CLASSIFICATION_TASKS else write_nnunet_dataset
+        folder = write(
             args.raw,
             args.id,
             args.name,
