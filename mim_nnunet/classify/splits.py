@@ -52,8 +52,9 @@ def read_splits(path: Path, ds: ClassificationDataset) -> list[dict[str, list[st
     return splits
 
 
-def fold_cases(ds: ClassificationDataset, fold: str, out: Path) -> tuple[list[str], list[str], str]:
-    """(training cases, validation cases, where the split came from) of ``fold`` ("0".."4" or "all")."""
+def fold_cases(ds: ClassificationDataset, fold: str, out: Path, write: bool = True) -> tuple[list[str], list[str], str]:
+    """(training cases, validation cases, where the split came from) of ``fold`` ("0".."4" or "all"). A split the
+    run makes is written to ``out`` unless ``write`` is False (checking a request before anything is written)."""
     if fold == "all":
         return ds.cases, [], "all cases (no validation)"
     if not fold.isdigit():
@@ -68,7 +69,8 @@ def fold_cases(ds: ClassificationDataset, fold: str, out: Path) -> tuple[list[st
         check_folds(ds, NUM_FOLDS)
         path = out / SPLITS
         splits = stratified_splits(ds.cases, [ds.labels[c] for c in ds.cases])
-        atomic_write_json(path, splits)
+        if write:
+            atomic_write_json(path, splits)
     k = int(fold)
     if k >= len(splits):
         raise DatasetError(f"--fold {fold}: {path} has {len(splits)} folds")

@@ -452,17 +452,22 @@ def train(dataset, checkpoint, out, request: PlanRequest, opts: TrainOptions, re
             plan, opts, ds, split = resumed(out, dataset, opts, request, set(given))
             setup_logging(out, dist.is_main)
         else:
-            read_checkpoint_metadata(checkpoint)  # before anything is written: a file that is not one fails here
+            if dataset is None or checkpoint is None:
+                raise ResumeError(f"{out / PLAN} not found: {out} holds no classification run to continue, and "
+                                  "without -i and -pt there is none to start")  # fmt: skip
+            # Every check before anything is written: the checkpoint, the dataset, the folds, the plan.
+            read_checkpoint_metadata(checkpoint)
+            ds = load_dataset(dataset)
+            train_cases, val_cases, source = fold_cases(ds, opts.fold, out, write=False)
+            plan = plan_classification(ds, checkpoint, request, len(train_cases))
+            split = (train_cases, val_cases)
             if dist.is_main:
                 prepare_folder(out, resume, overwrite)
+                fold_cases(ds, opts.fold, out)  # writes the run's splits_final.json when it made them
+                write_plan(out, plan, opts, request, ds, split, source)
             barrier(dist)
             setup_logging(out, dist.is_main)
-            ds = load_dataset(dataset)
-            train_cases, val_cases, source = fold_cases(ds, opts.fold, out)
-            plan = plan_classification(ds, checkpoint, request, len(train_cases))
-            split, resume = (train_cases, val_cases), False
-            if dist.is_main:
-                write_plan(out, plan, opts, request, ds, split, source)
+            resume = False  # nothing to continue: the run starts here
             log.info("plan: %s", "; ".join(f"{k}: {v}" for k, v in plan.reasons.items()))
         return run_training(out, plan, opts, ds, split, dist, resume)
     finally:
