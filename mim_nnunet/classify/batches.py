@@ -83,9 +83,14 @@ def preprocess_cases(
 
 
 def epoch_order(n: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> list[tuple[int, int, int]]:
-    """This rank's ``(epoch, position, case index)`` keys of one epoch (the position seeds the augmentation)."""
+    """This rank's ``(epoch, position, case index)`` keys of one epoch (the position seeds the augmentation).
+
+    Under DDP the order is extended by its first cases to a multiple of ``world`` (as torch's
+    ``DistributedSampler`` does), so every rank runs the same number of batches."""
     perm = np.random.default_rng([seed, epoch]).permutation(n)
-    return [(epoch, pos, int(perm[pos])) for pos in range(rank, n, world)]
+    total = -(-n // world) * world
+    perm = np.concatenate([perm, perm[: total - n]])
+    return [(epoch, pos, int(perm[pos])) for pos in range(rank, total, world)]
 
 
 class TrainingCases(Dataset):
