@@ -20,6 +20,12 @@ from mim_nnunet.classify.images import (
 from mim_nnunet.classify.splits import fold_cases, stratified_splits
 
 
+@pytest.fixture(autouse=True)
+def no_preprocessed_folder(monkeypatch):
+    """The run's own folds unless a test sets a preprocessed folder (another test may have left the variable)."""
+    monkeypatch.delenv("nnUNet_preprocessed", raising=False)
+
+
 @pytest.fixture
 def ds_root(tmp_path):
     return make_dataset(tmp_path / "Dataset501_Cls", {"bright": 5, "dark": 5}, varied=False)

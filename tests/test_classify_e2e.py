@@ -18,6 +18,7 @@ COMMON = ["--device", "cpu", "--epochs", "2", "--num-workers", "0", "--no-progre
 @pytest.mark.slow
 def test_train_resume_predict_evaluate_and_the_linear_probe(tmp_path, monkeypatch):
     monkeypatch.setenv("nnUNet_raw", str(tmp_path))
+    monkeypatch.delenv("nnUNet_preprocessed", raising=False)  # the run makes its own folds
     make_dataset(tmp_path / "Dataset777_Lesions", {"none": 6, "bright": 6}, test_per_class=3)
     ckpt = tmp_path / "mim.safetensors"
     mim, _ = make_checkpoint(ckpt)

@@ -120,8 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         from ..classify.evaluate import evaluate
 
         m = evaluate(args.predictions, args.reference, args.out)
+        auroc = "n/a" if m["auroc_macro"] is None else f"{m['auroc_macro']:.4f}"
         print(f"accuracy {m['accuracy']:.4f}  balanced accuracy {m['balanced_accuracy']:.4f}  macro F1 "
-              f"{m['f1_macro']:.4f}  macro AUROC {m['auroc_macro']}  ({m['cases']} cases) -> {args.out}")  # fmt: skip
+              f"{m['f1_macro']:.4f}  macro AUROC {auroc}  ({m['cases']} cases) -> {args.out}")  # fmt: skip
         return 0
     except (ValueError, CheckpointError, OSError) as e:  # DatasetError, PlanError, ResumeError are ValueErrors
         parser.exit(1, f"{parser.prog} {args.command}: error: {e}\n")
