@@ -13,6 +13,7 @@ rely on it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,12 +32,14 @@ from batchgeneratorsv2.transforms.utils.random import RandomTransform
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from ..atomic import atomic_write
+from ..atomic import atomic_write, atomic_write_json
 from ..interrupt import ignore_stop_signals
 from ..nnunet.seeding import seed_everything
 from ..pretrain.sampler import mix_seed
 from .images import fit_to_input, load_case, pad_to
 
+PREPROCESSING = "preprocessing.json"  # inside RUN/preprocessed: the settings its arrays were made with
+PREPROCESSING_FORMAT = 1
 ROTATION = (-30.0 / 360 * 2 * np.pi, 30.0 / 360 * 2 * np.pi)  # nnU-Net's 3D rotation range
 
 
@@ -75,7 +78,15 @@ def _write_npy(tmp: str, arr: np.ndarray) -> None:
 def preprocess_cases(
     images: dict[str, list[Path]], cases: Sequence[str], folder: Path, plan, progress: bool = True
 ) -> None:
-    """``folder/CASE.npy`` (float16, the planned spacing and normalisation) for every case not there yet."""
+    """``folder/CASE.npy`` (float16, the planned spacing and normalisation) for every case not there yet. The
+    folder records what its arrays were made with; arrays made otherwise (a replaced run) are removed first."""
+    settings = {"spacing": plan.spacing, "window": plan.window, "normalization": plan.normalization,
+                "format": PREPROCESSING_FORMAT}  # fmt: skip
+    record = folder / PREPROCESSING
+    if folder.is_dir() and (not record.is_file() or json.loads(record.read_text()) != settings):
+        for old in folder.glob("*.npy"):
+            old.unlink()
+    atomic_write_json(record, settings)
     todo = [c for c in cases if not (folder / f"{c}.npy").is_file()]
     for case in tqdm(todo, desc="preprocessing", unit="case", disable=not progress or not todo):
         arr = load_case(images[case], plan.spacing, plan.window, plan.normalization).astype(np.float16)

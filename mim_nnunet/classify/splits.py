@@ -52,9 +52,12 @@ def read_splits(path: Path, ds: ClassificationDataset) -> list[dict[str, list[st
     return splits
 
 
-def fold_cases(ds: ClassificationDataset, fold: str, out: Path, write: bool = True) -> tuple[list[str], list[str], str]:
+def fold_cases(
+    ds: ClassificationDataset, fold: str, out: Path, write: bool = True, reuse: bool = True
+) -> tuple[list[str], list[str], str]:
     """(training cases, validation cases, where the split came from) of ``fold`` ("0".."4" or "all"). A split the
-    run makes is written to ``out`` unless ``write`` is False (checking a request before anything is written)."""
+    run makes is written to ``out`` unless ``write`` is False (checking a request before anything is written);
+    ``reuse=False`` ignores one already in ``out`` (a run being replaced)."""
     if fold == "all":
         return ds.cases, [], "all cases (no validation)"
     if not fold.isdigit():
@@ -62,7 +65,7 @@ def fold_cases(ds: ClassificationDataset, fold: str, out: Path, write: bool = Tr
     path = preprocessed_splits_file(ds)
     if path is not None:
         splits = read_splits(path, ds)
-    elif (out / SPLITS).is_file():
+    elif reuse and (out / SPLITS).is_file():
         path = out / SPLITS
         splits = read_splits(path, ds)
     else:

@@ -51,6 +51,7 @@ from ..pretrain.folder import (
     PREPROCESSED,
     PROGRESS,
     RESUME_STATE,
+    SPLITS,
     append_metrics,
     check_run_folder,
     clear_run_folder,
@@ -383,8 +384,8 @@ def prepare_folder(out: Path, resume: bool, overwrite: bool) -> None:
         raise ResumeError(problem)
     out.mkdir(parents=True, exist_ok=True)
     remove_temporaries(out, CLASSIFY_RUN_FILES)
-    if overwrite and (gone := clear_run_folder(out, files=CLASSIFY_RUN_FILES)):
-        log.warning("--overwrite: removed %s from %s", ", ".join(gone), out)
+    if overwrite and (gone := clear_run_folder(out, files=(*CLASSIFY_RUN_FILES, SPLITS))):
+        log.warning("--overwrite: removed %s from %s", ", ".join(gone), out)  # preprocessed/ is checked on use
 
 
 def run_training(out: Path, plan: ClassifyPlan, opts: TrainOptions, ds: ClassificationDataset,
@@ -458,7 +459,7 @@ def train(dataset, checkpoint, out, request: PlanRequest, opts: TrainOptions, re
             # Every check before anything is written: the checkpoint, the dataset, the folds, the plan.
             read_checkpoint_metadata(checkpoint)
             ds = load_dataset(dataset)
-            train_cases, val_cases, source = fold_cases(ds, opts.fold, out, write=False)
+            train_cases, val_cases, source = fold_cases(ds, opts.fold, out, write=False, reuse=not overwrite)
             plan = plan_classification(ds, checkpoint, request, len(train_cases))
             split = (train_cases, val_cases)
             if dist.is_main:
