@@ -135,3 +135,30 @@ def test_train_with_a_file_that_is_not_a_mim_checkpoint_fails_in_one_line_before
     err = capsys.readouterr().err.strip()
     assert e.value.code == 1 and str(junk) in err and "MiM checkpoint" in err and "\n" not in err
     assert not (tmp_path / "run" / "plan.json").exists()
+
+
+def test_every_batch_is_a_function_of_the_seed_and_ranks_get_equal_shares(finished):
+    from mim_nnunet.classify.batches import TrainingCases, epoch_order
+
+    saved = json.loads((finished / "plan.json").read_text())
+    cases = saved["fold"]["train"]
+    data = TrainingCases(finished / "preprocessed", cases, [0] * len(cases), [32, 32, 32], seed=0)
+    a, b = data[(3, 1, 2)][0], data[(3, 1, 2)][0]
+    assert a.shape == (1, 32, 32, 32) and torch.equal(a, b)
+    assert not torch.equal(a, TrainingCases(finished / "preprocessed", cases, [0] * 6, [32] * 3, seed=1)[(3, 1, 2)][0])
+    assert epoch_order(6, 0, 3) == epoch_order(6, 0, 3) != epoch_order(6, 0, 4)
+    shares = [epoch_order(7, 0, 0, rank, 3) for rank in range(3)]
+    assert [len(s) for s in shares] == [3, 3, 3]  # 7 cases on 3 ranks: padded to 9, as DistributedSampler
+    assert {k[2] for s in shares for k in s} == set(range(7))
+
+
+def test_overwrite_replaces_a_run_and_its_folds(data, tmp_path):
+    ds, ckpt = data
+    out = tmp_path / "o"
+    train(ds, ckpt, out, REQUEST, TrainOptions(**FAST | {"epochs": 1}))
+    (out / "splits_final.json").write_text("[]")  # a stale split of an earlier dataset
+    (out / "preprocessed" / "preprocessing.json").write_text("{}")  # arrays made with other settings
+    assert train(ds, ckpt, out, REQUEST, TrainOptions(**FAST | {"epochs": 1}), overwrite=True) == "finished"
+    assert not (out / "splits_final.json").exists()
+    assert json.loads((out / "preprocessed" / "preprocessing.json").read_text())["spacing"] == [1.5] * 3
+    assert len(list((out / "preprocessed").glob("*.npy"))) == 6
