@@ -262,10 +262,11 @@ def train_epoch(run: ClassifyRun, net: torch.nn.Module, epoch: int, stop: StopRe
         run.scaler.step(run.optimizer)
         run.scaler.update()
         run.batch += 1
-        run.partial["loss_sum"] += float(loss.detach()) * len(y)
+        value = float(loss.detach())
+        run.partial["loss_sum"] += value * len(y)
         run.partial["seen"] += len(y)
         bar.update(1)
-        bar.set_postfix(epoch=epoch, loss=f"{float(loss):.4f}")
+        bar.set_postfix(epoch=epoch, loss=f"{value:.4f}")
         if any_rank(stop.requested, dist) and run.batch < run.batches_per_epoch:
             save_pair(run, epoch, run.batch)
             return True
