@@ -142,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--presets", nargs="+", default=["tiny", "small"])
     ap.add_argument("--size", nargs=3, type=int, default=[64, 64, 64], help="input size = segmentation patch")
     ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--iters", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="the classifier's device (nnUNetTrainerMiM's step: CPU)")
@@ -172,10 +172,11 @@ def main(argv: list[str] | None = None) -> int:
         results[f"predict_{preset}"] = res
         cls, seg = results[f"classifier_{preset}"], results[f"segmentation_{preset}"]
         mem = "peak_delta_gb" if "peak_delta_gb" in cls else "peak_cuda_gb"
-        print(f"{preset} at {args.size} batch {args.batch}: classifier step {cls['iteration_s']:.3f} s "
-              f"({cls[mem]:.2f} GiB), nnUNetTrainerMiM step {seg['iteration_s']:.3f} s ({seg['peak_delta_gb']:.2f} "
-              f"GiB); ratio {cls['iteration_s'] / seg['iteration_s']:.2f}x time; predict "
-              f"{res['predict_s_per_case']:.2f} s per case")  # fmt: skip
+        print(f"{preset} at {args.size} batch {args.batch}: classifier step median {cls['iteration_s']:.3f} s "
+              f"(min {min(cls['iteration_times_s']):.3f}, {cls[mem]:.2f} GiB), nnUNetTrainerMiM step median "
+              f"{seg['iteration_s']:.3f} s (min {min(seg['iteration_times_s']):.3f}, {seg['peak_delta_gb']:.2f} GiB); "
+              f"median ratio {cls['iteration_s'] / seg['iteration_s']:.2f}x; predict {res['predict_s_per_case']:.2f} "
+              "s per case")  # fmt: skip
     report = {"cpu": cpu_model(), "cores": os.cpu_count(), "load_average_at_end": os.getloadavg(),
               "args": {k: v for k, v in vars(args).items() if k != "worker"}, "results": results}  # fmt: skip
     print(f"CPU: {report['cpu']} ({report['cores']} cores), torch threads {args.threads}")
