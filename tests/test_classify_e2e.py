@@ -1,15 +1,20 @@
 """The whole classification path through the command line: train (5-fold split, 2 epochs), resume, predict,
-evaluate; a linear probe leaves the encoder as the checkpoint has it; from scratch trains the same network."""
+evaluate; a linear probe leaves the encoder as the checkpoint has it; from scratch trains the same network. And
+two DDP processes (gloo) training one run."""
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 from classify_helpers import make_checkpoint, make_dataset
 
 from mim_nnunet.checkpoint import load_checkpoint
+from mim_nnunet.classify.train import PlanRequest, TrainOptions, train
 from mim_nnunet.cli.classify import main
 
 COMMON = ["--device", "cpu", "--epochs", "2", "--num-workers", "0", "--no-progress", "--batch-size", "4"]
@@ -62,3 +67,32 @@ def test_train_resume_predict_evaluate_and_the_linear_probe(tmp_path, monkeypatc
     s_state, _ = load_checkpoint(scratch / "checkpoint_final.safetensors")
     assert set(s_state) == set(state) - {k for k in state if k.startswith("pool.")}
     assert not torch.equal(s_state["encoder.blocks.0.attn.qkv.weight"], theirs["blocks.0.attn.qkv.weight"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, ds: str, ckpt: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))  # fmt: skip
+    torch.set_num_threads(1)
+    opts = TrainOptions(fold="all", epochs=2, num_workers=0, progress=False, device="cpu")
+    assert train(ds, ckpt, out, PlanRequest(batch_size=2, input_size=[32, 32, 32]), opts) == "finished"
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_share_the_epoch_and_rank_0_writes_the_run(tmp_path, monkeypatch):
+    monkeypatch.delenv("nnUNet_preprocessed", raising=False)
+    ds = make_dataset(tmp_path / "ds", {"none": 4, "bright": 3})  # 7 cases: rank shares padded to 4 + 4
+    make_checkpoint(tmp_path / "mim.safetensors")
+    out = tmp_path / "run"
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(ds), str(tmp_path / "mim.safetensors"), str(out)), nprocs=2,
+             join=True)  # fmt: skip
+    rs = torch.load(out / "resume_state.pt", weights_only=True)
+    assert rs["order"]["world_size"] == 2 and (rs["epoch"], rs["batch"]) == (2, 0)
+    assert rs["step"] == 2 * 2  # two batches of two per rank and epoch
+    assert (out / "checkpoint_final.safetensors").is_file()
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
