@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from classify_helpers import make_checkpoint, make_dataset
@@ -117,3 +119,29 @@ def test_a_file_that_is_not_a_mim_checkpoint_is_refused_by_name(ds, tmp_path):
     save_file({"w": torch.zeros(2)}, str(bare))
     with pytest.raises(PlanError, match="not a MiM checkpoint"):
         plan_classification(ds, bare, PlanRequest(), n_train=5)
+
+
+def test_a_non_ct_channel_is_refused_unless_allowed_then_z_scored(tmp_path):
+    import json
+
+    import numpy as np
+
+    from mim_nnunet.classify.images import load_case
+
+    root = make_dataset(tmp_path / "mc", {"bright": 2, "dark": 2}, varied=False)
+    info = json.loads((root / "dataset.json").read_text())
+    (root / "dataset.json").write_text(json.dumps(info | {"channel_names": {"0": "CT", "1": "T2"}}))
+    for p in sorted((root / "imagesTr").glob("*_0000.nii.gz")):
+        shutil.copy(p, p.with_name(p.name.replace("_0000", "_0001")))
+    ds = load_dataset(root)
+    path = tmp_path / "tiny.safetensors"
+    make_checkpoint(path)
+    with pytest.raises(PlanError) as e:
+        plan_classification(ds, path, PlanRequest(), n_train=4)
+    assert "dataset.json" in str(e.value) and "'T2'" in str(e.value) and "--allow-non-ct" in str(e.value)
+    plan = plan_classification(ds, path, PlanRequest(allow_non_ct=True), n_train=4)
+    assert plan.normalization == ["ct_window", "zscore"] and plan.network["in_channels"] == 2
+    x = load_case(ds.images[ds.cases[0]], plan.spacing, plan.window, plan.normalization)
+    assert x.shape[0] == 2 and 0 <= x[0].min() and x[0].max() <= 1
+    assert abs(float(x[1].mean())) < 1e-3 and abs(float(x[1].std()) - 1) < 1e-2
+    assert plan.build_network()(torch.from_numpy(np.stack([np.zeros((2, 32, 32, 32), np.float32)]))).shape == (1, 2)
