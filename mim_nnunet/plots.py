@@ -1,5 +1,6 @@
-"""Pictures of a pre-training run: ``progress.png`` (losses and learning rate over steps) and reconstruction
-previews (input, masked input, reconstruction; middle slices of the three axes) per Mask-in-Mask level.
+"""Pictures of a run: a pre-training run's ``progress.png`` (losses and learning rate over steps) and reconstruction
+previews (input, masked input, reconstruction; middle slices of the three axes) per Mask-in-Mask level; a
+classification run's per-epoch curves (:func:`plot_epochs`).
 
 Matplotlib through the Agg canvas only (no pyplot state, no display needed). Files are written atomically, so a
 viewer never sees half a PNG. With the norm-pix loss the model predicts each patch normalised by the target
@@ -135,3 +136,23 @@ def save_previews(output, out_dir: str | os.PathLike, step: int, norm_pix: bool 
         )
         paths.append(path)
     return paths
+
+
+def plot_epochs(records: list[dict], panels: list[tuple[str, list[str]]], path: str | os.PathLike) -> None:
+    """A panel per ``(title, keys)`` of per-epoch ``records`` (each with ``epoch``): a classification run's
+    ``progress.png`` (loss, validation accuracy and AUROC, learning rate)."""
+    panels = [(t, keys) for t, keys in panels if any(r.get(k) is not None for r in records for k in keys)]
+    if not records or not panels:
+        return
+    fig = Figure(figsize=(5 * len(panels), 4), layout="constrained")
+    for ax, (title, keys) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        for key in keys:
+            pts = [(r["epoch"], r[key]) for r in records if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), label=key, linewidth=1, marker="o", markersize=3)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend()
+    _save(fig, Path(path))

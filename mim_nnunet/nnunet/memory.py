@@ -79,6 +79,17 @@ class MemoryModel:
         self.input_channels = input_channels
         self._cache: dict[tuple[int, ...], int] = {}
 
+    @classmethod
+    def for_network(cls, network: nn.Module, input_channels: int) -> MemoryModel:
+        """The same estimate for another network that takes ``(N, C, *patch)`` input (e.g. the classifier of
+        :mod:`mim_nnunet.classify.model`); ``network`` is moved to the meta device."""
+        model = cls.__new__(cls)
+        model.num_parameters = sum(p.numel() for p in network.parameters())
+        model.network = network.to("meta").train()
+        model.input_channels = input_channels
+        model._cache = {}
+        return model
+
     def activation_elements(self, patch_size: Sequence[int]) -> int:
         key = tuple(int(p) for p in patch_size)
         if key not in self._cache:

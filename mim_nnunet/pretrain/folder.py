@@ -1,5 +1,6 @@
-"""The run folder of a pre-training run: its file names, which files make a run, the checkpoint pair rotation,
-and reading and writing ``config.json`` and ``metrics.jsonl``. Nothing else names a run folder's files.
+"""The run folder of a pre-training or classification run: its file names, which files make a run, the
+checkpoint pair rotation, and reading and writing ``config.json`` and ``metrics.jsonl``. Nothing else names a run
+folder's files.
 
 Layout::
 
@@ -11,6 +12,10 @@ Layout::
     train.log, metrics.jsonl       the log; one JSON line of losses, lr and throughput per optimizer step
     progress.png                   losses and lr over steps
     previews/step_XXXXX_level{1,2,3}.png  reconstruction of a fixed crop at every checkpoint
+
+A classification run (:mod:`mim_nnunet.classify`) uses the same checkpoint pair, resume state, metrics and
+progress names, plus ``plan.json`` (every planning decision and the options), ``splits_final.json`` (the folds)
+and ``checkpoint_best.safetensors`` (best validation AUROC): :data:`CLASSIFY_RUN_FILES`.
 
 What may change when a run continues is :mod:`.resume`'s business; this module only knows the files.
 docs/pretraining.md, "Run folder and resume rules", explains both for users.
@@ -41,6 +46,12 @@ DEFAULT_CACHE = "cache"  # the cache folder inside the run folder when --cache i
 # Files that make a folder a run (a preprocess-only invocation leaves train.log and cache/, which do not count).
 RUN_FILES = (CONFIG, CHECKPOINT_LATEST, CHECKPOINT_FINAL, RESUME_STATE, CHECKPOINT_PREVIOUS, RESUME_STATE_PREVIOUS,
              METRICS)  # fmt: skip
+PLAN = "plan.json"
+SPLITS = "splits_final.json"
+CHECKPOINT_BEST = "checkpoint_best.safetensors"
+PREPROCESSED = "preprocessed"  # a classification run's resampled, windowed training cases
+CLASSIFY_RUN_FILES = (PLAN, CHECKPOINT_LATEST, CHECKPOINT_FINAL, CHECKPOINT_BEST, RESUME_STATE, CHECKPOINT_PREVIOUS,
+                      RESUME_STATE_PREVIOUS, METRICS)  # fmt: skip
 # (weights, resume state) pairs in the order resume tries them
 PAIRS = ((CHECKPOINT_LATEST, RESUME_STATE), (CHECKPOINT_PREVIOUS, RESUME_STATE_PREVIOUS))
 
@@ -49,12 +60,15 @@ class RunFolderError(ValueError):
     """A new run pointed at a folder that already holds one."""
 
 
-def check_run_folder(out: str | Path, resume: bool, overwrite: bool) -> str | None:
-    """Why a run may not start in ``out`` (one line), or None. A new run needs a folder without a run in it."""
+def check_run_folder(
+    out: str | Path, resume: bool, overwrite: bool, files: tuple[str, ...] = RUN_FILES
+) -> str | None:
+    """Why a run may not start in ``out`` (one line), or None. A new run needs a folder without a run in it
+    (``files``: the names that make one)."""
     out = Path(out)
     if resume and overwrite:
         return "--resume and --overwrite exclude each other"
-    found = [n for n in RUN_FILES if (out / n).exists()]
+    found = [n for n in files if (out / n).exists()]
     if found and not (resume or overwrite):
         return (
             f"{out} already holds a run ({', '.join(found)}); continue it with --resume, replace it with "
@@ -68,11 +82,11 @@ def has_run(out: str | Path) -> bool:
     return (Path(out) / CONFIG).is_file()
 
 
-def clear_run_folder(out: str | Path, logs: bool = False) -> list[str]:
+def clear_run_folder(out: str | Path, logs: bool = False, files: tuple[str, ...] = RUN_FILES) -> list[str]:
     """Remove a run's files from ``out`` (``--overwrite``); the cache, if inside, stays. Returns what went."""
     out = Path(out)
     gone = []
-    for name in (*RUN_FILES, PROGRESS, *((LOG,) if logs else ())):
+    for name in (*files, PROGRESS, *((LOG,) if logs else ())):
         if (out / name).exists():
             (out / name).unlink()
             gone.append(name)
@@ -82,10 +96,10 @@ def clear_run_folder(out: str | Path, logs: bool = False) -> list[str]:
     return gone
 
 
-def remove_temporaries(out: str | Path) -> None:
+def remove_temporaries(out: str | Path, files: tuple[str, ...] = RUN_FILES) -> None:
     """Temporaries of writes cut short by SIGKILL (:mod:`mim_nnunet.atomic`; the files they were to replace are
     intact)."""
-    for name in (*RUN_FILES, PROGRESS):
+    for name in (*files, PROGRESS):
         for tmp in Path(out).glob(f".{name}.*.tmp"):
             tmp.unlink(missing_ok=True)
 
@@ -136,9 +150,9 @@ def read_config(out: str | Path) -> dict:
     return saved
 
 
-def read_metrics(out_dir: Path, up_to_step: int | None = None) -> list[dict]:
+def read_metrics(out_dir: Path, up_to_step: int | None = None, key: str = "step") -> list[dict]:
     """The records of ``metrics.jsonl``; a line that is not a whole record (a kill mid-write) is skipped with a
-    warning."""
+    warning. ``key``: the record's counter (``step`` in pre-training, ``epoch`` in classification)."""
     path = Path(out_dir) / METRICS
     if not path.is_file():
         return []
@@ -148,18 +162,18 @@ def read_metrics(out_dir: Path, up_to_step: int | None = None) -> list[dict]:
             continue
         try:
             record = json.loads(line)
-            int(record["step"])
+            int(record[key])
         except (ValueError, KeyError, TypeError):
             log.warning("%s: line %d is not a complete record (%.60r), skipped", path, n, line)
             continue
         records.append(record)
-    return [r for r in records if up_to_step is None or r["step"] <= up_to_step]
+    return [r for r in records if up_to_step is None or r[key] <= up_to_step]
 
 
-def reset_metrics(out: Path, keep_up_to: int | None) -> None:
+def reset_metrics(out: Path, keep_up_to: int | None, key: str = "step") -> None:
     """``metrics.jsonl`` with the records up to step ``keep_up_to`` only (None: empty, a new run); the steps after
     the checkpoint a run continues from are trained again and logged again."""
-    records = read_metrics(out, keep_up_to) if keep_up_to is not None else []
+    records = read_metrics(out, keep_up_to, key) if keep_up_to is not None else []
     (out / METRICS).write_text("".join(json.dumps(r) + "\n" for r in records))
 
 

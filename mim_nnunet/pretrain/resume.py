@@ -187,23 +187,21 @@ def config_with_defaults(config: dict) -> dict:
     return json.loads(json.dumps(full))
 
 
-def restore(
-    out: Path, model, optimizer, scaler, order: CropOrder, opts, dist: DistInfo, data: dict
-) -> tuple[int, bool]:
-    """Load weights and resume state of ``out``: the latest pair, or the previous one when the latest is
-    incomplete. Returns the step to continue from and whether the latest pair was used (0, False: nothing
-    saved yet). Integrity problems are :class:`CheckpointError`, incompatibilities :class:`ResumeError`."""
+def load_pair(out: Path, expected: dict) -> tuple[dict, CheckpointMetadata, dict, bool] | None:
+    """The weights, metadata and resume state of ``out``'s latest pair, or of the previous pair (with a warning)
+    when the latest is incomplete; and whether the latest was used. None when nothing was saved yet. The weights
+    must fit ``expected`` (a state dict) and the resume state must name their sha256; when no pair passes,
+    :class:`CheckpointError` lists why. Shared by pre-training and classification runs."""
     pairs = [(out / w, out / r) for w, r in PAIRS]
     if not any(p.exists() for pair in pairs for p in pair):
-        log.warning("%s: no checkpoint saved yet (stopped before its first save): starting from step 0", out)
-        return 0, False
+        return None
     problems = []
     for latest, (path, rs_path) in zip((True, False), pairs, strict=True):
         if not (path.exists() or rs_path.exists()):
             continue
         try:
             state, meta = load_checkpoint(path)
-            check_state_dict(path, state, model.state_dict())
+            check_state_dict(path, state, expected)
             rs = load_resume_state(rs_path)
             if not isinstance(rs, dict) or rs.get("weights_sha256") != meta.weights_sha256:
                 step = rs.get("step") if isinstance(rs, dict) else None
@@ -214,31 +212,45 @@ def restore(
         except CheckpointError as e:
             problems.append(str(e))
             continue
-        mine = json.loads(json.dumps(model.config.to_dict()))
-        theirs = config_with_defaults(meta.config)
-        diff = sorted(
-            k for k in set(mine) | set(theirs) if k not in EXECUTION_FIELDS and mine.get(k) != theirs.get(k)
-        )
-        if diff:
-            raise ResumeError(f"{path}: written for another model configuration (differs in {diff})")
-        check_data(path, meta, data)
-        expected = data_position(order, opts, dist, rs["step"])
-        changed = {k: (rs["data"].get(k), v) for k, v in expected.items() if rs["data"].get(k) != v}
-        if changed:
-            raise ResumeError(
-                f"{out}: cannot continue exactly, the data order depends on {sorted(changed)} "
-                f"(saved vs now: {changed}); start a new run (-o elsewhere) to change them"
-            )
         if not latest:
             log.warning(
-                "%s: the latest checkpoint is incomplete (%s); continuing from the previous pair, step %d",
-                out, problems[0], rs["step"],
+                "%s: the latest checkpoint is incomplete (%s); continuing from the previous pair, step %s",
+                out, problems[0], rs.get("step"),
             )  # fmt: skip
-        model.load_state_dict(state)
-        optimizer.load_state_dict(rs["optimizer"])
-        scaler.load_state_dict(rs["scaler"])
-        return int(rs["step"]), latest
+        return state, meta, rs, latest
     raise CheckpointError(f"{out}: no usable checkpoint to resume from: {' | '.join(problems)}")
+
+
+def restore(
+    out: Path, model, optimizer, scaler, order: CropOrder, opts, dist: DistInfo, data: dict
+) -> tuple[int, bool]:
+    """Load weights and resume state of ``out``: the latest pair, or the previous one when the latest is
+    incomplete (:func:`load_pair`). Returns the step to continue from and whether the latest pair was used (0,
+    False: nothing saved yet). Integrity problems are :class:`CheckpointError`, incompatibilities
+    :class:`ResumeError`."""
+    found = load_pair(out, model.state_dict())
+    if found is None:
+        log.warning("%s: no checkpoint saved yet (stopped before its first save): starting from step 0", out)
+        return 0, False
+    state, meta, rs, latest = found
+    path = out / PAIRS[0 if latest else 1][0]
+    mine = json.loads(json.dumps(model.config.to_dict()))
+    theirs = config_with_defaults(meta.config)
+    diff = sorted(k for k in set(mine) | set(theirs) if k not in EXECUTION_FIELDS and mine.get(k) != theirs.get(k))
+    if diff:
+        raise ResumeError(f"{path}: written for another model configuration (differs in {diff})")
+    check_data(path, meta, data)
+    expected = data_position(order, opts, dist, rs["step"])
+    changed = {k: (rs["data"].get(k), v) for k, v in expected.items() if rs["data"].get(k) != v}
+    if changed:
+        raise ResumeError(
+            f"{out}: cannot continue exactly, the data order depends on {sorted(changed)} "
+            f"(saved vs now: {changed}); start a new run (-o elsewhere) to change them"
+        )
+    model.load_state_dict(state)
+    optimizer.load_state_dict(rs["optimizer"])
+    scaler.load_state_dict(rs["scaler"])
+    return int(rs["step"]), latest
 
 
 def data_position(order: CropOrder, opts, dist: DistInfo, step: int) -> dict:
