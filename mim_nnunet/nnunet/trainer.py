@@ -125,6 +125,17 @@ class nnUNetTrainerMiM(SeededBatchesMixin, nnUNetTrainer):
         )
         self.print_to_log_file(str(report))
 
+    def heads_summary(self) -> str:
+        """One line: the network's output channels, what they are (labels or regions) and nnU-Net's loss."""
+        heads = self._bare_network().decoder.seg_layers[0].out_channels
+        lm = self.label_manager
+        if lm.has_regions:
+            what = f"regions {lm.foreground_regions} (sigmoid)"
+        else:
+            what = f"labels {[int(v) for v in lm.all_labels]} (softmax)"
+        loss = getattr(self.loss, "loss", self.loss)  # inside nnU-Net's DeepSupervisionWrapper
+        return f"MiM: {heads} output heads for {lm.num_segmentation_heads} {what}, loss {type(loss).__name__}"
+
     def on_train_start(self):
         if not self.was_initialized:
             self.initialize()
@@ -134,6 +145,7 @@ class nnUNetTrainerMiM(SeededBatchesMixin, nnUNetTrainer):
             self.load_pretrained_weights()
         elif not self.load_pretrained:
             self.print_to_log_file("MiM: training from scratch (no pre-trained weights)")
+        self.print_to_log_file(self.heads_summary())
         super().on_train_start()
 
     def on_train_epoch_start(self):
