@@ -2,8 +2,8 @@
 docs/tumours.md, "From the phantom dataset to a kits23 submission", read from that page and run as written.
 
 phantom KiTS dataset (5 training, 2 test cases, 56 x 56 x 80 mm) -> untrained tiny MiM checkpoint -> plan ->
-nnUNetv2_train (nnUNetTrainerMiM_debug: 2 epochs of 5 iterations) -> nnUNetv2_predict -> mim_nnunet_submit
---profile kits23 -> --check-only -> evaluate --profile kits23 --lesions. Then the trained region model with a
+nnUNetv2_train (nnUNetTrainerMiM_smoke: 1 epoch of 2 iterations) -> nnUNetv2_predict -> mim_nnunet_submit
+--profile kits23 -> evaluate --profile kits23 --lesions. Then the trained region model with a
 plain-label profile, refused before anything is written.
 """
 
@@ -24,7 +24,7 @@ from test_nnunet_e2e import bin_cmd, nnunet_env, read, run
 DOC = Path(__file__).resolve().parents[1] / "docs" / "tumours.md"
 HEADING = "## From the phantom dataset to a kits23 submission"
 DATASET = "Dataset993_KiTSPhantom"
-MODEL = f"{DATASET}/nnUNetTrainerMiM_debug__MiMPlans__3d_fullres"
+MODEL = f"{DATASET}/nnUNetTrainerMiM_smoke__MiMPlans__3d_fullres"
 KITS_TARGETS = {"1+2+3": "kidney_and_mass", "2+3": "mass", "2": "tumor"}
 
 
@@ -41,7 +41,7 @@ def doc_commands(path: Path = DOC) -> list[str]:
 def test_the_documented_commands_are_the_whole_path():
     tools = [shlex.split(c)[0] for c in doc_commands()]
     assert tools == ["mim_nnunet_phantoms", "mim_nnunet_plan_and_preprocess", "nnUNetv2_train",
-                     "nnUNetv2_predict", "mim_nnunet_submit", "mim_nnunet_submit", "mim_nnunet_submit"]  # fmt: skip
+                     "nnUNetv2_predict", "mim_nnunet_submit", "mim_nnunet_submit"]  # fmt: skip
 
 
 def _checkpoint(path: Path) -> None:
@@ -74,7 +74,7 @@ def test_kits_regions_plan_train_predict_submit_evaluate(tmp_path):
     ckpt = tmp_path / "tiny.safetensors"
     _checkpoint(ckpt)
     done = _run_doc(tmp_path, env, {"nnUNet_raw": str(raw), "nnUNet_results": str(res), "CKPT": str(ckpt)})
-    logs = {argv[0] + ("_check" if "--check-only" in argv else ""): out for argv, out in done}
+    logs = {argv[0] + ("_evaluate" if "evaluate" in argv else ""): out for argv, out in done}
     folder = raw / DATASET
     dataset_json = json.loads((folder / "dataset.json").read_text())
     lm = LabelManager(dataset_json["labels"], dataset_json["regions_class_order"])
@@ -108,7 +108,7 @@ def test_kits_regions_plan_train_predict_submit_evaluate(tmp_path):
             expected[probs[i] > 0.5] = value
         assert np.array_equal(seg, expected)
 
-    # submit: a valid kits23 submission of the same label maps, zipped, and --check-only agrees
+    # submit: a valid kits23 submission of the same label maps, zipped
     sub = tmp_path / "kits_submission"
     validation = json.loads((sub / "validation.json").read_text())
     assert validation["ok"] is True and len(validation["cases"]) == 2
@@ -116,7 +116,7 @@ def test_kits_regions_plan_train_predict_submit_evaluate(tmp_path):
         assert sorted(zf.namelist()) == [f"{c}.nii.gz" for c in cases]
     for case in cases:
         assert np.array_equal(read(sub / "predictions" / f"{case}.nii.gz"), read(pred / f"{case}.nii.gz"))
-    assert "validation PASSED (profile kits23): 2/2 cases valid" in logs["mim_nnunet_submit_check"]
+    assert "validation PASSED (profile kits23): 2/2 cases valid" in logs["mim_nnunet_submit"]
 
     # evaluate: KiTS23's three regions, every case, scores in [0, 1]; lesions counted as the references hold them
     import cc3d

@@ -195,6 +195,25 @@ class nnUNetTrainerMiM_scratch_debug(nnUNetTrainerMiM_debug):
     load_pretrained = False
 
 
+class nnUNetTrainerMiM_smoke(nnUNetTrainerMiM_debug):
+    """The debug trainer at its shortest: 1 epoch of 2 iterations (1 validation iteration), then nnU-Net's final
+    validation. For end-to-end checks of what surrounds training (output heads, loss, prediction, submission) on
+    a 2-core CPU: it trains nothing worth scoring."""
+
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = DEFAULT_DEVICE,
+    ):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 1
+        self.num_iterations_per_epoch = 2
+        self.num_val_iterations_per_epoch = 1
+
+
 class nnUNetTrainerMiM_demo(nnUNetTrainerMiM_debug):
     """The debug trainer at demo length: 20 epochs of 20 iterations (5 validation iterations), no TTA mirroring,
     and a learning rate for that length: 1e-2 instead of the paper's 1e-4, which is made for 1000 epochs.
