@@ -21,9 +21,10 @@ TRAINER = "nnUNetTrainerMiM_debug"
 PLANS = "MiMPlans"
 
 
-def run(cmd: list[str], env: dict, timeout: int = 900) -> str:
+def run(cmd: list[str], env: dict, timeout: int = 900, cwd: Path | None = None) -> str:
     t = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=timeout)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace",
+                          timeout=timeout, cwd=cwd)  # fmt: skip
     out = proc.stdout + proc.stderr
     print(f"[{time.perf_counter() - t:6.1f} s] {Path(cmd[0]).name} {' '.join(cmd[1:4])}", flush=True)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-4000:]}"

@@ -103,3 +103,51 @@ def test_closing_line_names_the_planned_dataset_and_plans(checkpoint, tmp_path):
     assert proc.returncode == 0, proc.stderr
     last = proc.stdout.strip().splitlines()[-1]
     assert last.split() == ["nnUNetv2_train", "976", "3d_fullres", "FOLD", "-tr", "nnUNetTrainerMiM", "-p", "HintPlans"]
+
+
+@pytest.mark.parametrize(
+    "labels, order, expected",
+    [
+        ({"background": 0, "kidney": [1, 7], "masses": [2, 3], "tumor": 2}, [1, 3, 2],
+         "region 'kidney' [1, 7] names label 7, which is not a label value of this dataset; expected values in "
+         "[0, 1, 2, 3]"),
+        ({"background": 0, "kidney": [1, 2, 3], "masses": [2, 3], "tumor": 2}, [1, 3, 7],
+         "regions_class_order[2] = 7 is not a label of region 'tumor' [2]; expected one of [2]"),
+    ],
+)  # fmt: skip
+def test_regions_naming_unknown_labels_are_refused_before_any_work(checkpoint, tmp_path, labels, order, expected):
+    import json
+
+    from mim_nnunet.data.phantoms import write_nnunet_dataset
+
+    raw, pre = tmp_path / "raw", tmp_path / "pre"
+    folder = write_nnunet_dataset(raw, 975, "Regions", n_train=1, n_test=0, seed=0, shape_mm=(40.0, 40.0, 40.0),
+                                  task="kits")  # fmt: skip
+    ds = json.loads((folder / "dataset.json").read_text())
+    (folder / "dataset.json").write_text(json.dumps({**ds, "labels": labels, "regions_class_order": order}))
+    line = _one_line_error(_plan(["-d", "975", "-pt", str(checkpoint), "-npfp", "1", "--no_pp"],
+                                 nnUNet_raw=str(raw), nnUNet_preprocessed=str(pre)))  # fmt: skip
+    assert line.startswith(f"error: -d 975: {folder / 'dataset.json'}: {expected}")
+    assert not pre.exists() or not any(pre.rglob("*"))  # no fingerprint, no plans
+
+
+def test_the_planner_class_refuses_them_too(checkpoint, tmp_path, monkeypatch):
+    """Through nnU-Net's API (plan_experiment_dataset with the class), where the command's check is bypassed."""
+    import json
+
+    from nnunetv2.experiment_planning.experiment_planners import default_experiment_planner
+
+    from mim_nnunet.data.phantoms import write_nnunet_dataset
+    from mim_nnunet.nnunet.planner import MiMPlanner, PlanningError
+
+    raw, pre = tmp_path / "raw", tmp_path / "pre"
+    folder = write_nnunet_dataset(raw, 975, "Regions", n_train=1, n_test=0, seed=0, shape_mm=(40.0, 40.0, 40.0),
+                                  task="kits")  # fmt: skip
+    ds = json.loads((folder / "dataset.json").read_text())
+    (folder / "dataset.json").write_text(json.dumps({**ds, "regions_class_order": [1, 2]}))
+    (pre / folder.name).mkdir(parents=True)
+    (pre / folder.name / "dataset_fingerprint.json").write_text("{}")
+    monkeypatch.setattr(default_experiment_planner, "nnUNet_raw", str(raw))
+    monkeypatch.setattr(default_experiment_planner, "nnUNet_preprocessed", str(pre))
+    with pytest.raises(PlanningError, match=r"regions_class_order is \[1, 2\]; expected one label value per"):
+        MiMPlanner(folder.name, checkpoint=checkpoint)

@@ -103,7 +103,7 @@ def test_targets_are_named_from_dataset_json_or_profile(folders, tmp_path, capsy
     assert [t["name"] for t in res["targets"]] == ["spleen", "right kidney", "1+2"]
     # an explicit --dataset-json wins; one that is not a dataset.json is an error naming it
     other = tmp_path / "other.json"
-    other.write_text(json.dumps({"labels": {"background": 0, "kidneys": [1, 2], "cyst": 2}}))
+    other.write_text(json.dumps({"labels": {"background": 0, "kidneys": [1, 2], "cyst": 2}, "regions_class_order": [1, 2]}))
     res = evaluate(tmp_path, *args, "--profile", "btcv", "--labels", "1+2,2", "--dataset-json", str(other))
     assert [t["name"] for t in res["targets"]] == ["kidneys", "cyst"]
     other.write_text("[1, 2]")

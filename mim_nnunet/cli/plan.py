@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import logging
 import os
 import sys
@@ -75,6 +76,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def resolve_datasets(ids: list[int]) -> dict[int, str] | None:
+    """{id: DatasetXXX_Name} with each raw dataset.json's labels checked, before any work; None after printing
+    a one-line error (an unknown id, labels or regions nnU-Net would train or export wrongly)."""
+    from nnunetv2.utilities.dataset_name_id_conversion import convert_id_to_dataset_name
+
+    from ..labels import DatasetLabelsError, dataset_labels
+
+    names = {}
+    for dataset_id in ids:
+        try:
+            names[dataset_id] = convert_id_to_dataset_name(dataset_id)
+        except RuntimeError as e:
+            first = str(e).splitlines()[0].split(". Make sure")[0]
+            print(
+                f"error: -d {dataset_id}: {first} (looked for Dataset{dataset_id:03d}_* in "
+                f"nnUNet_raw={os.environ['nnUNet_raw']} and nnUNet_preprocessed={os.environ['nnUNet_preprocessed']})",
+                file=sys.stderr,
+            )
+            return None
+        dataset_json = Path(os.environ["nnUNet_raw"]) / names[dataset_id] / "dataset.json"
+        if not dataset_json.is_file():
+            continue  # nnU-Net's fingerprint step names the missing file
+        try:
+            dataset_labels(json.loads(dataset_json.read_text()), str(dataset_json))
+        except (ValueError, DatasetLabelsError) as e:
+            text = str(e) if isinstance(e, DatasetLabelsError) else f"{dataset_json}: not valid JSON ({e})"
+            print(f"error: -d {dataset_id}: {text}", file=sys.stderr)
+            return None
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -102,23 +134,13 @@ def main(argv: list[str] | None = None) -> int:
         preprocess_dataset,
     )
     from nnunetv2.paths import nnUNet_preprocessed
-    from nnunetv2.utilities.dataset_name_id_conversion import convert_id_to_dataset_name
 
     from ..nnunet.paths import export_line
     from ..nnunet.planner import MiMPlanner, PlanningError
 
-    names = {}
-    for dataset_id in args.d:
-        try:
-            names[dataset_id] = convert_id_to_dataset_name(dataset_id)
-        except RuntimeError as e:
-            first = str(e).splitlines()[0].split(". Make sure")[0]
-            print(
-                f"error: -d {dataset_id}: {first} (looked for Dataset{dataset_id:03d}_* in "
-                f"nnUNet_raw={os.environ['nnUNet_raw']} and nnUNet_preprocessed={os.environ['nnUNet_preprocessed']})",
-                file=sys.stderr,
-            )
-            return 2
+    names = resolve_datasets(args.d)
+    if names is None:
+        return 2
     planned = []  # (dataset id, plans name) for the closing hint
     for dataset_id in args.d:
         name = names[dataset_id]

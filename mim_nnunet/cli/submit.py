@@ -19,6 +19,7 @@ import re
 import sys
 from pathlib import Path
 
+from mim_nnunet.labels import DatasetLabels, DatasetLabelsError, dataset_labels
 from mim_nnunet.submission.evaluate import evaluate_folders, format_table, label_names, save_result
 from mim_nnunet.submission.lesions import LesionSpec
 from mim_nnunet.submission.pipeline import OutputExistsError, check_only, submit
@@ -213,7 +214,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _read_dataset_labels(path: Path) -> dict:
+def _read_dataset_labels(path: Path) -> DatasetLabels:
     try:
         content = json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -224,22 +225,45 @@ def _read_dataset_labels(path: Path) -> dict:
             f"{path}: expected a dataset.json with a 'labels' object ({{name: value}}), got a "
             f"{type(content).__name__}" + (f" with keys {sorted(content)[:8]}" if isinstance(content, dict) else "")
         )
-    return labels
+    return dataset_labels(content, str(path))  # regions nnU-Net would export wrongly: DatasetLabelsError
 
 
-def _target_names(args: argparse.Namespace, profile: Profile | None) -> tuple[dict[tuple[int, ...], str], str | None]:
-    """{values: name} for the evaluation table and where the names came from (None: no names known)."""
+def _dataset_labels_for(args: argparse.Namespace) -> tuple[DatasetLabels | None, Path | None]:
+    """The dataset.json of the evaluation: --dataset-json, else the one nnUNetv2_predict leaves in PRED_DIR, else
+    the one beside REF_DIR (nnU-Net's raw layout). Unreadable found files are skipped with a warning; labels or
+    regions nnU-Net would export wrongly are an error (DatasetLabelsError)."""
     if args.dataset_json:
-        return label_names(_read_dataset_labels(Path(args.dataset_json))), args.dataset_json
-    if profile is not None and profile.labels:
-        return label_names(profile.labels), f"profile {profile.name}"
+        return _read_dataset_labels(Path(args.dataset_json)), Path(args.dataset_json)
     for found in (Path(args.pred) / "dataset.json", Path(args.ref).resolve().parent / "dataset.json"):
         if found.is_file():
             try:
-                return label_names(_read_dataset_labels(found)), str(found)
+                return _read_dataset_labels(found), found
+            except DatasetLabelsError:
+                raise
             except ValueError as e:
-                print(f"warning: {e}; targets shown by their values", file=sys.stderr)
-    return {}, None
+                print(f"warning: {e}; its label names and values are not used", file=sys.stderr)
+    return None, None
+
+
+def _label_source(
+    args: argparse.Namespace, profile: Profile | None
+) -> tuple[dict[tuple[int, ...], str], str | None, set[int] | None, str]:
+    """{values: name} for the evaluation table and where they came from (None: no names known), and the label
+    values the files may hold with their source (None: not checked).
+
+    Names: --dataset-json, else the profile's labels, else a found dataset.json. Values: the dataset.json's only
+    (its ``ignore`` label included): a challenge scores its targets and reads other values as background, so a
+    profile's labels alone check nothing."""
+    labels, path = _dataset_labels_for(args)
+    values = None
+    if labels is not None:
+        values = set(labels.values) | ({labels.ignore} if labels.ignore is not None else set())
+    if labels is not None and (args.dataset_json or not (profile is not None and profile.labels)):
+        names = label_names(labels.regions if labels.has_regions else labels.written)
+        return names, str(path), values, str(path)
+    if profile is not None and profile.labels:
+        return label_names(profile.labels), f"profile {profile.name}", values, str(path)
+    return {}, None, None, ""
 
 
 def _run_evaluate(argv: list[str]) -> int:
@@ -249,7 +273,7 @@ def _run_evaluate(argv: list[str]) -> int:
         spec = profile.evaluation if profile else None
         if args.profile and spec is None and args.tolerance is None:
             raise ProfileError(f"profile {args.profile!r} has no evaluation block: pass --tolerance MM")
-        names, names_from = _target_names(args, profile)
+        names, names_from, values, values_from = _label_source(args, profile)
         lesions = None
         if args.lesions:
             iou = 0.5 if args.lesion_iou is None else args.lesion_iou
@@ -258,7 +282,7 @@ def _run_evaluate(argv: list[str]) -> int:
             raise ValueError("--lesion-iou and --lesion-connectivity need --lesions TARGETS")
         result = evaluate_folders(
             args.pred, args.ref, args.tolerance, args.labels, args.allow_missing, spec=spec, empty=args.empty,
-            names=names, lesions=lesions,
+            names=names, lesions=lesions, label_values=values, label_values_from=values_from,
         )
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -18,6 +18,10 @@ the memory target, so they are tested without files; :class:`MiMPlanner` wires t
   2^3 token grid), then shrunk (largest axis first, by 16) until the memory model at batch 2 fits the target.
 - Batch size: as many samples as the target allows, capped like nnU-Net (at most 5 % of the dataset's voxels per
   step), at least 2.
+- Output heads: the memory model counts the heads nnU-Net's trainer will build (``LabelManager``: one per label,
+  or one per foreground region for region-based training), not the entries of ``dataset.json['labels']``
+  (nnU-Net's own planner counts those, one too many for KiTS23's regions). The dataset's labels and regions are
+  checked first (:mod:`mim_nnunet.labels`).
 - Architecture: ``mim_nnunet.model.segmentation.MiMSegmentationNetwork`` with the checkpoint's encoder kwargs,
   decoder widths, drop-path rate and the fixed ``strides`` nnU-Net uses for deep supervision.
 - Provenance: checkpoint path, sha256 and a metadata summary.
@@ -36,8 +40,10 @@ from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner
 from nnunetv2.paths import nnUNet_preprocessed
 from nnunetv2.preprocessing.normalization.map_channel_name_to_normalization import get_normalization_scheme
 from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
+from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
 from ..checkpoint import CheckpointMetadata, load_checkpoint
+from ..labels import DatasetLabelsError, dataset_labels
 from ..model.config import TOKEN_SIZE, MiMConfig
 from ..model.segmentation import STRIDES, default_decoder_dims
 from .memory import MemoryModel
@@ -158,6 +164,20 @@ def decide_normalization(channel_names: dict, allow_non_ct: bool) -> tuple[list[
     return schemes, fallback
 
 
+def segmentation_heads(dataset_json: dict) -> tuple[int, str]:
+    """The output channels nnU-Net's trainer builds for ``dataset_json`` and a sentence naming them.
+
+    nnU-Net's ``LabelManager`` decides (what ``nnUNetTrainer`` passes to ``build_network_architecture``): one head
+    per label (softmax), or per foreground region (sigmoid) when a label is a region."""
+    lm = LabelManager(dataset_json["labels"], dataset_json.get("regions_class_order"))
+    n = lm.num_segmentation_heads
+    if lm.has_regions:
+        regions = ", ".join("+".join(map(str, r)) if isinstance(r, tuple) else str(r) for r in lm.all_regions)
+        return n, f"{n} output heads, one sigmoid per region ({regions}; nnU-Net's LabelManager)"
+    labels = [int(v) for v in lm.all_labels]
+    return n, f"{n} output heads, softmax over the labels {labels} (nnU-Net's LabelManager)"
+
+
 def initial_patch_size(median_shape: Sequence[float]) -> list[int]:
     """Each axis of the median shape rounded to the nearest multiple of 16, at least 32."""
     return [max(MIN_PATCH_EDGE, int(round(s / TOKEN_SIZE)) * TOKEN_SIZE) for s in median_shape]
@@ -257,6 +277,10 @@ class MiMPlanner(ExperimentPlanner):
         )
         if checkpoint is None:
             raise PlanningError("MiMPlanner needs the MiM pre-training checkpoint (-pt)")
+        try:  # before the checkpoint is hashed: a bad dataset.json is found at once
+            dataset_labels(self.dataset_json, str(Path(self.raw_dataset_folder) / "dataset.json"))
+        except DatasetLabelsError as e:
+            raise PlanningError(str(e)) from None
         self.checkpoint = Path(checkpoint).resolve()
         # Full load: the sha256 of the weights is verified before anything is planned on them.
         _, self.metadata = load_checkpoint(self.checkpoint, verify=True)
@@ -316,11 +340,12 @@ class MiMPlanner(ExperimentPlanner):
         self, spacing, median_shape, data_identifier, approximate_n_voxels_dataset, _cache
     ):
         n_in = len(self.dataset_json["channel_names"])
-        n_out = len(self.dataset_json["labels"])
+        n_out, heads_note = segmentation_heads(self.dataset_json)
         memory = MemoryModel(architecture_kwargs(self.mim_config, (16, 16, 16)), n_in, n_out)
         patch, batch, note = decide_patch_and_batch(
             median_shape, memory, self.UNet_vram_target_GB * 2**30, approximate_n_voxels_dataset
         )
+        self.notes["output_heads"] = heads_note
         self.notes["patch_and_batch"] = note
         resampling_data, data_kwargs, resampling_seg, seg_kwargs = self.determine_resampling()
         resampling_softmax, softmax_kwargs = self.determine_segmentation_softmax_export_fn()

@@ -125,6 +125,17 @@ class nnUNetTrainerMiM(SeededBatchesMixin, nnUNetTrainer):
         )
         self.print_to_log_file(str(report))
 
+    def heads_summary(self) -> str:
+        """One line: the network's output channels, what they are (labels or regions) and nnU-Net's loss."""
+        heads = self._bare_network().decoder.seg_layers[0].out_channels
+        lm = self.label_manager
+        if lm.has_regions:
+            what = f"regions {lm.foreground_regions} (sigmoid)"
+        else:
+            what = f"labels {[int(v) for v in lm.all_labels]} (softmax)"
+        loss = getattr(self.loss, "loss", self.loss)  # inside nnU-Net's DeepSupervisionWrapper
+        return f"MiM: {heads} output heads for {lm.num_segmentation_heads} {what}, loss {type(loss).__name__}"
+
     def on_train_start(self):
         if not self.was_initialized:
             self.initialize()
@@ -134,6 +145,7 @@ class nnUNetTrainerMiM(SeededBatchesMixin, nnUNetTrainer):
             self.load_pretrained_weights()
         elif not self.load_pretrained:
             self.print_to_log_file("MiM: training from scratch (no pre-trained weights)")
+        self.print_to_log_file(self.heads_summary())
         super().on_train_start()
 
     def on_train_epoch_start(self):
@@ -181,6 +193,25 @@ class nnUNetTrainerMiM_debug(nnUNetTrainerMiM):
 
 class nnUNetTrainerMiM_scratch_debug(nnUNetTrainerMiM_debug):
     load_pretrained = False
+
+
+class nnUNetTrainerMiM_smoke(nnUNetTrainerMiM_debug):
+    """The debug trainer at its shortest: 1 epoch of 2 iterations (1 validation iteration), then nnU-Net's final
+    validation. For end-to-end checks of what surrounds training (output heads, loss, prediction, submission) on
+    a 2-core CPU: it trains nothing worth scoring."""
+
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = DEFAULT_DEVICE,
+    ):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 1
+        self.num_iterations_per_epoch = 2
+        self.num_val_iterations_per_epoch = 1
 
 
 class nnUNetTrainerMiM_demo(nnUNetTrainerMiM_debug):

@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -164,6 +164,16 @@ def lesion_targets(spec: LesionSpec, targets: Sequence[Target]) -> list[Target]:
     return out
 
 
+def check_label_values(path: Path, arr: np.ndarray, values: Collection[int], source: str) -> None:
+    """A ValueError naming ``path`` and its first value outside ``values`` (the labels of ``source``)."""
+    stray = np.setdiff1d(np.unique(arr), np.asarray(sorted(values)))
+    if stray.size:
+        raise ValueError(
+            f"{path}: holds label value {stray[0].item()}, which is not a label of {source}; expected values in "
+            f"{sorted(int(v) for v in values)}"
+        )
+
+
 def _read(path: Path) -> tuple[np.ndarray, sitk.Image]:
     img = sitk.ReadImage(str(path))
     return sitk.GetArrayFromImage(img), img
@@ -184,6 +194,8 @@ def evaluate_folders(
     empty: str | None = None,
     names: Mapping[tuple[int, ...], str] | None = None,
     lesions: LesionSpec | None = None,
+    label_values: Collection[int] | None = None,
+    label_values_from: str = "the dataset",
 ) -> dict:
     """Score every reference file that has a prediction of the same relative path.
 
@@ -193,7 +205,8 @@ def evaluate_folders(
     ``allow_missing`` (then it is listed and left out). ``names`` ({sorted values: name}, see
     :func:`label_names`) names the targets that are not the spec's; a target it lacks is named by its values.
     ``lesions`` adds lesion-wise scores of the targets it names (``per_case[i]["lesions"]`` and
-    ``result["lesions"]``).
+    ``result["lesions"]``). ``label_values`` (the values of ``label_values_from``, a profile or a dataset.json):
+    a reference or prediction holding any other value is an error naming the file and the value.
     """
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
     empty = empty or (spec.empty if spec else "nan")
@@ -217,6 +230,9 @@ def evaluate_folders(
         mismatch = check_geometry(pred_img, ref_img)
         if mismatch:
             raise ValueError(f"{rel}: prediction does not lie on the reference grid: " + "; ".join(mismatch))
+        if label_values is not None:
+            for path, arr in ((r, ref_arr), (pred_dir / rel, pred_arr)):
+                check_label_values(path, arr, label_values, label_values_from)
         loaded.append((rel, ref_arr, pred_arr, ref_img.GetSpacing()[::-1]))
     if labels is not None:
         targets = parse_targets(labels, tolerance_mm)

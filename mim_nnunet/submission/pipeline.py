@@ -117,6 +117,13 @@ def check_distinct_outputs(relpaths: dict[str, str], profile: Profile) -> None:
         seen[rel] = case_id
 
 
+def check_model_labels(profile: Profile, setup: InferenceSetup, label_map: dict[int, int] | None) -> None:
+    """Each model's values must mean the profile's labels (plain labels vs regions, profiles.py); before any
+    prediction, so that a mismatch costs no inference run and writes nothing."""
+    for model in setup.models:
+        profile.check_model_labels(model.dataset_json, set(label_map or {}), str(model.folder / "dataset.json"))
+
+
 def template_variables(setup: InferenceSetup | None, user_vars: dict[str, str] | None) -> dict[str, str]:
     variables = model_variables(setup.dataset_name) if setup is not None else {}
     variables.update(user_vars or {})
@@ -150,6 +157,8 @@ def submit(
     """
     out_dir = Path(out_dir)
     setup = resolve_models(model_args, folds, checkpoint, postprocessing)
+    if not map_labels_by_name:  # (that map pairs the names itself, or fails)
+        check_model_labels(profile, setup, label_map)
     for note in setup.notes:
         log.warning(note)
     cases = profile.collect_cases(images_dir, n_channels=len(setup.dataset_json["channel_names"]))
@@ -268,6 +277,8 @@ def check_only(
 ) -> ValidationReport:
     """Validate an existing predictions folder (the profile's layout under it) against the test images."""
     setup = resolve_models(model_args, postprocessing="none") if model_args else None
+    if setup is not None and labels is None:
+        check_model_labels(profile, setup, label_map)
     n_channels = len(setup.dataset_json["channel_names"]) if setup else None
     cases = profile.collect_cases(images_dir, n_channels=n_channels)
     variables = template_variables(setup, user_vars)

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..labels import DatasetLabelsError, dataset_labels
 from .package import sha256_file
 from .profiles import Case
 
@@ -98,6 +99,10 @@ def _check_model_folder(folder: Path, folds, checkpoint: str) -> ModelSpec:
     for name in ("plans.json", "dataset.json"):
         if not (folder / name).is_file():
             raise ModelError(f"{folder}: not an nnU-Net model folder (missing {name})")
+    try:  # labels or regions nnU-Net would export wrongly are refused before any inference
+        dataset_labels(json.loads((folder / "dataset.json").read_text()), str(folder / "dataset.json"))
+    except ValueError as e:
+        raise ModelError(str(e) if isinstance(e, DatasetLabelsError) else f"{folder / 'dataset.json'}: {e}") from None
     folds = tuple(folds) if folds else detect_folds(folder, checkpoint)
     folds = tuple(f if f == "all" else int(f) for f in folds)
     spec = ModelSpec(folder, folds, checkpoint)

@@ -381,6 +381,58 @@ class Profile:
             )
         return {v: out[v] for v in written}
 
+    @property
+    def scores_regions(self) -> bool:
+        """True when the challenge scores regions (an evaluation target of several labels, KiTS23's)."""
+        return self.evaluation is not None and any(len(t.labels) > 1 for t in self.evaluation.targets)
+
+    def check_model_labels(self, model_dataset: dict, keep: set[int] = frozenset(), where: str = "model") -> None:
+        """Refuse a model whose written values would mean other structures than the profile's labels.
+
+        What a profile expects (docs/submission.md, "Plain labels and regions"): ``labels: null`` takes any model;
+        a profile with its own labels that scores no region (BTCV, AMOS22, FLARE) expects plain labels, so a
+        region-trained model is refused; a region-scored profile (KiTS23) takes either kind when the values mean
+        its labels: a region model's regions pair with its regions by name (values unchanged), a plain model's
+        label names are its names at the same values. Values in ``keep`` (an explicit --label-map) are the user's
+        word and not checked; ``where`` names the model's dataset.json in the message.
+        """
+        if self.labels is None:
+            return
+        labels = model_dataset["labels"] if _is_dataset_json(model_dataset) else model_dataset
+        written = {n: v for n, v in written_labels(model_dataset).items() if v != 0 and v not in keep}
+        if not written:
+            return
+        hint = "pass --map-labels-by-name or --label-map SRC:DST for every value"
+        if _has_regions(labels):
+            regions = ", ".join(f"{n} {list(r)}" for n, r in model_regions(model_dataset).items())
+            if not self.scores_regions:
+                raise ProfileError(
+                    f"{where}: a region-trained model (regions {regions}; writes {sorted(written.values())}), "
+                    f"but profile '{self.name}' expects plain labels {self.labels}; expected a model trained on "
+                    f"plain labels, or {hint}"
+                )
+            try:
+                pairs = self._region_label_map(model_dataset)
+            except ProfileError as e:
+                raise ProfileError(f"{where}: {e}") from None
+            moved = {v: pairs[v] for v in written.values() if pairs.get(v, v) != v}
+            if moved:
+                v, w = next(iter(moved.items()))
+                raise ProfileError(
+                    f"{where}: the model writes {v} where profile '{self.name}' expects {w} "
+                    f"({self.labels.get(w)}, paired by region names; regions {regions}); {hint}"
+                )
+            return
+        if not self.scores_regions:
+            return  # plain labels on a plain-label profile: numbered as the model was trained (or --label-map)
+        for name, v in written.items():
+            if _norm(self.labels.get(v, "")) != _norm(name):
+                meant = f"{v} to be {self.labels[v]!r}" if v in self.labels else f"no label {v}"
+                raise ProfileError(
+                    f"{where}: model label {name!r} = {v}, but profile '{self.name}' (scored on regions of its "
+                    f"labels) expects {meant}: expected labels {self.labels}; {hint}"
+                )
+
 
 def check_relpath(rel: str, what: str) -> str:
     """``rel`` if it is a relative path that stays below its root, else a ProfileError naming ``what``."""

@@ -17,4 +17,5 @@ from mim_nnunet.nnunet.trainer import (  # noqa: F401
     nnUNetTrainerMiM_scratch_250epochs,
     nnUNetTrainerMiM_scratch_debug,
     nnUNetTrainerMiM_scratch_demo,
+    nnUNetTrainerMiM_smoke,
 )
