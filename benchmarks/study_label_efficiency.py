@@ -664,7 +664,7 @@ BASELINE = "scratch"
 
 def _against_baseline(cell: dict, base: dict | None) -> dict:
     """Mean Dice difference to the baseline cell and Welch's 95 % CI; {} where it cannot be computed."""
-    if cell["arm"] == BASELINE or not base:
+    if cell["arm"] == BASELINE or not base or cell["n_seeds"] < 2 or base["n_seeds"] < 2:
         return {}
     w = welch(cell["dice_per_seed"], base["dice_per_seed"])
     return {"dice_vs_baseline": w["difference"], "dice_vs_baseline_ci95": w["ci95"]} if w else {}
