@@ -43,6 +43,19 @@ import numpy as np
 from mim_nnunet.nnunet.seeding import SEEDING
 from mim_nnunet.nnunet.study_trainers import snapshot_name
 
+# the shared statistics (benchmarks/study_stats.py), also when this file is loaded by its path (tests)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from study_stats import (  # noqa: E402
+    COMPARISON_NOTE,
+    format_paired,
+    format_welch,
+    mean_sd,
+    paired,
+    plot_paired,
+    welch,
+    write_marked_block,
+)
+
 REPO = Path(__file__).resolve().parents[1]
 DATASET_ID = 961
 NAME = "MiMStudy"
@@ -188,6 +201,21 @@ def _mim(module: str) -> list[str]:
 
 
 class Study:
+    """The stages of one study in one work folder. A study of another task subclasses it and changes the class
+    attributes below (``benchmarks/study_tumours.py``), and :meth:`evaluate` and :meth:`build_report`."""
+
+    task = "organs"  # the dataset's phantoms.TASKS entry
+    dataset_id = DATASET_ID
+    name = NAME
+    settings_cls: type[Settings] = Settings
+    quick: dict = QUICK  # --quick: Settings(**quick)
+    work_name = "study"  # work_dirs/<work_name>, and <work_name>_quick with --quick
+    report_home = REPO / "docs"  # the report's folder without --report-dir
+
+    @property
+    def dataset(self) -> str:
+        return f"Dataset{self.dataset_id:03d}_{self.name}"
+
     def __init__(self, out: Path, s: Settings):
         from mim_nnunet.nnunet.paths import ensure_ext_trainer
 
@@ -220,11 +248,12 @@ class Study:
             t0 = time.perf_counter()
             write_unlabeled_corpus(corpus, s.corpus, seed=s.data_seed, shape_mm=s.shape_mm)
             self._time("corpus", time.perf_counter() - t0)
-        if not (self.raw / DATASET / "dataset.json").is_file():
+        if not (self.raw / self.dataset / "dataset.json").is_file():
             t0 = time.perf_counter()
             write_nnunet_dataset(
-                self.raw, DATASET_ID, NAME, max(s.ks) + s.val, s.test, seed=s.data_seed, shape_mm=s.shape_mm
-            )
+                self.raw, self.dataset_id, self.name, max(s.ks) + s.val, s.test, seed=s.data_seed,
+                shape_mm=s.shape_mm, task=self.task,
+            )  # fmt: skip
             self._time("dataset", time.perf_counter() - t0)
 
     # 2. pre-training -------------------------------------------------------------------------------------------
@@ -269,7 +298,7 @@ class Study:
 
     def plan(self) -> None:
         s = self.s
-        folder = self.pre / DATASET
+        folder = self.pre / self.dataset
         mim_arms = [a for a in s.arms if ARMS[a].plans == "mim"]
         if mim_arms and not self.pretrained_arms():
             raise ValueError(f"arms {mim_arms} need MiM plans, which need a pre-trained arm (e.g. MiM)")
@@ -283,7 +312,7 @@ class Study:
                 first.setdefault(window, json.loads(path.read_text()))
                 continue
             cmd = _mim("plan") + [
-                "-d", str(DATASET_ID), "-pt", str(self.checkpoint(source)), "-np", "2", "-npfp", "2",
+                "-d", str(self.dataset_id), "-pt", str(self.checkpoint(source)), "-np", "2", "-npfp", "2",
                 "-gpu_memory_target", str(s.mim_memory_target), "-plans_name", name,
             ] + (["--window", *map(str, window)] if window else []) + (["--no_pp"] if window in first else [])  # fmt: skip
             self._time(f"plan:{name}", _run(cmd, self.env, self.logfile))
@@ -301,14 +330,14 @@ class Study:
         if any(ARMS[a].plans == "stock" for a in s.arms) and not (folder / f"{STOCK_PLANS}.json").is_file():
             spacing = first["configurations"]["3d_fullres"]["spacing"] if first else [1.5, 1.5, 1.5]
             if not (folder / "dataset_fingerprint.json").is_file():
-                _run([_exe("nnUNetv2_extract_fingerprint"), "-d", str(DATASET_ID), "-np", "2"], self.env,
+                _run([_exe("nnUNetv2_extract_fingerprint"), "-d", str(self.dataset_id), "-np", "2"], self.env,
                      self.logfile)  # fmt: skip
             t = _run(
-                [_exe("nnUNetv2_plan_experiment"), "-d", str(DATASET_ID), "-gpu_memory_target",
+                [_exe("nnUNetv2_plan_experiment"), "-d", str(self.dataset_id), "-gpu_memory_target",
                  str(s.stock_memory_target), "-overwrite_target_spacing", *map(str, spacing),
                  "-overwrite_plans_name", STOCK_PLANS], self.env, self.logfile)  # fmt: skip
             t += _run(
-                [_exe("nnUNetv2_preprocess"), "-d", str(DATASET_ID), "-plans_name", STOCK_PLANS, "-c",
+                [_exe("nnUNetv2_preprocess"), "-d", str(self.dataset_id), "-plans_name", STOCK_PLANS, "-c",
                  "3d_fullres", "-np", "2"], self.env, self.logfile)  # fmt: skip
             self._time("plan:stock", t)
         self.write_splits()
@@ -316,7 +345,7 @@ class Study:
     def write_splits(self) -> None:
         """One fold per k: the first k training cases; the same validation cases for every fold. Folds already
         there are kept (a run of other ks or arms on the same work folder must not renumber them)."""
-        path = self.pre / DATASET / "splits_final.json"
+        path = self.pre / self.dataset / "splits_final.json"
         splits = json.loads(path.read_text()) if path.is_file() else []
         for k in self.s.ks:
             if self.split(k) not in splits:
@@ -325,19 +354,27 @@ class Study:
 
     def split(self, k: int) -> dict:
         """Train on the first k labeled cases, validate on the last ``--val`` (the same for every k)."""
-        n = json.loads((self.raw / DATASET / "dataset.json").read_text())["numTraining"]
+        n = json.loads((self.raw / self.dataset / "dataset.json").read_text())["numTraining"]
         if k > n - self.s.val:
             raise ValueError(f"k={k}: the dataset has {n} labeled cases, {self.s.val} of them for validation")
-        cases = [f"{NAME}_tr{i:03d}" for i in range(n)]
+        cases = [self.case_name(i) for i in range(n)]
         return {"train": cases[:k], "val": cases[n - self.s.val :]}
+
+    def case_name(self, i: int) -> str:
+        """The name of training case i, as the phantom generator writes it for the task."""
+        from mim_nnunet.data.phantoms import TASKS
+
+        return TASKS[self.task].case.format(name=self.name, split="tr", i=i, n=i)
 
     def fold(self, k: int) -> int:
         """The fold of ``splits_final.json`` that trains on the first k cases."""
-        splits = json.loads((self.pre / DATASET / "splits_final.json").read_text())
+        splits = json.loads((self.pre / self.dataset / "splits_final.json").read_text())
         try:
             return splits.index(self.split(k))
         except ValueError:
-            raise RuntimeError(f"no fold for k={k} in {DATASET}/splits_final.json: run --stages plan") from None
+            raise RuntimeError(
+                f"no fold for k={k} in {self.dataset}/splits_final.json: run --stages plan"
+            ) from None
 
     # 4. fine-tuning, prediction, scoring -----------------------------------------------------------------------
     def run_id(self, arm: str, k: int, seed: int) -> str:
@@ -346,9 +383,22 @@ class Study:
     def result_path(self, arm: str, k: int, seed: int) -> Path:
         return self.out / "runs" / f"{self.run_id(arm, k, seed)}.json"
 
-    def finetune(self, arm: str, k: int, seed: int) -> None:
+    def label_names(self) -> dict[int, str]:
+        """{label value: name} of the dataset.json."""
+        labels = json.loads((self.raw / self.dataset / "dataset.json").read_text())["labels"]
+        return {v: n for n, v in labels.items()}
+
+    def evaluate(self, folder: Path) -> dict:
+        """The scores a run result keeps of one folder of test predictions: ``n_test``, ``foreground_mean``
+        (Dice, NSD) and ``per_organ`` (by the dataset's label names); a study of another task adds its own."""
         from mim_nnunet.submission.evaluate import evaluate_folders
 
+        ev = evaluate_folders(folder, self.raw / self.dataset / "labelsTs", self.s.tolerance)
+        names = self.label_names()
+        return {"n_test": ev["n_cases"], "foreground_mean": ev["foreground_mean"],
+                "per_organ": {names[int(lbl)]: v for lbl, v in ev["mean"].items()}}  # fmt: skip
+
+    def finetune(self, arm: str, k: int, seed: int) -> None:
         s, a = self.s, ARMS[arm]
         if self.result_path(arm, k, seed).is_file():
             return
@@ -360,13 +410,13 @@ class Study:
                    MIM_NNUNET_STUDY_ITERS=str(s.iters), MIM_NNUNET_STUDY_SEED=str(seed),
                    MIM_NNUNET_STUDY_SNAPSHOT_EVERY=str(s.snapshot_every // s.iters))  # fmt: skip
         plans = self.plans_name(arm)
-        model = results / DATASET / f"{a.trainer}__{plans}__3d_fullres" / f"fold_{fold}"
+        model = results / self.dataset / f"{a.trainer}__{plans}__3d_fullres" / f"fold_{fold}"
         logfile = run / "log.txt"
         run.mkdir(parents=True, exist_ok=True)
         train_s = predict_s = None
         note = None
         if not (model / "checkpoint_final.pth").is_file():
-            cmd = [_exe("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", str(fold), "-tr", a.trainer, "-p", plans,
+            cmd = [_exe("nnUNetv2_train"), str(self.dataset_id), "3d_fullres", str(fold), "-tr", a.trainer, "-p", plans,
                    "-device", "cpu"]  # fmt: skip
             resumed = (model / "checkpoint_latest.pth").is_file()
             if resumed:
@@ -377,30 +427,25 @@ class Study:
                 train_s = None
         else:
             note = "checkpoint_final.pth existed (interrupted before prediction): training not timed"
-        names = {
-            v: n for n, v in json.loads((self.raw / DATASET / "dataset.json").read_text())["labels"].items()
-        }
 
         def predict(checkpoint: str, folder: Path) -> tuple[float, dict]:
             seconds = _run(
-                [_exe("nnUNetv2_predict"), "-i", str(self.raw / DATASET / "imagesTs"), "-o", str(folder), "-d",
-                 str(DATASET_ID), "-c", "3d_fullres", "-f", str(fold), "-tr", a.trainer, "-p", plans, "-device",
-                 "cpu", "--disable_tta", "-chk", checkpoint, "-npp", "1", "-nps", "1"], env, logfile)  # fmt: skip
-            return seconds, evaluate_folders(folder, self.raw / DATASET / "labelsTs", s.tolerance)
+                [_exe("nnUNetv2_predict"), "-i", str(self.raw / self.dataset / "imagesTs"), "-o", str(folder),
+                 "-d", str(self.dataset_id), "-c", "3d_fullres", "-f", str(fold), "-tr", a.trainer, "-p", plans,
+                 "-device", "cpu", "--disable_tta", "-chk", checkpoint, "-npp", "1", "-nps", "1"], env, logfile)  # fmt: skip
+            return seconds, self.evaluate(folder)
 
         snapshots = []
         for it in range(s.snapshot_every, epochs * s.iters, s.snapshot_every) if s.snapshot_every else ():
-            _, sev = predict(snapshot_name(it), run / f"predictions_it{it}")
-            snapshots.append({"iterations": it, "foreground_mean": sev["foreground_mean"],
-                              "per_organ": {names[int(lbl)]: v for lbl, v in sev["mean"].items()}})  # fmt: skip
+            _, scores = predict(snapshot_name(it), run / f"predictions_it{it}")
+            snapshots.append({"iterations": it, **{key: v for key, v in scores.items() if key != "n_test"}})
         predict_s, ev = predict("checkpoint_final.pth", run / "predictions")
         result = {
             "arm": arm, "k": k, "seed": seed, "trainer": a.trainer, "plans": plans, "seeding": SEEDING,
             "iterations": epochs * s.iters, "train_seconds": train_s, "predict_seconds": predict_s,
             **({"train_seconds_note": note} if note else {}),
-            "n_test": ev["n_cases"], "tolerance_mm": s.tolerance, "foreground_mean": ev["foreground_mean"],
-            "per_organ": {names[int(lbl)]: v for lbl, v in ev["mean"].items()},
-            "patch_size": json.loads((self.pre / DATASET / f"{plans}.json").read_text())["configurations"][
+            "tolerance_mm": s.tolerance, **ev,
+            "patch_size": json.loads((self.pre / self.dataset / f"{plans}.json").read_text())["configurations"][
                 "3d_fullres"]["patch_size"],
             **({"snapshots": snapshots} if snapshots else {}),
         }  # fmt: skip
@@ -411,20 +456,16 @@ class Study:
         """Seed outermost: an interrupted study has every arm and k at the same number of seeds."""
         return [(arm, k, seed) for seed in self.s.seeds for k in self.s.ks for arm in self.s.arms]
 
+    # 5. report -------------------------------------------------------------------------------------------------
+    def build_report(self, report_dir: Path) -> dict:
+        """The report of the run results there are (:func:`build_report`)."""
+        return build_report(self.out, self.s, report_dir)
+
 
 # 5. report ---------------------------------------------------------------------------------------------------
-def _mean_sd(values: list[float]) -> tuple[float, float]:
-    v = np.asarray(values, dtype=float)
-    return float(np.nanmean(v)), float(np.nanstd(v, ddof=1)) if len(v) > 1 else 0.0
-
-
-def build_report(out: Path, s: Settings, report_dir: Path) -> dict:
-    """study.json, study.md (the marked block) and study_dice_vs_k.png from the run results under ``out``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def collect_runs(out: Path, s: Settings) -> tuple[list[dict], list[str], list[str]]:
+    """The run results under ``out`` of the settings' arms, ks and seeds: (pooled results, missing run ids,
+    excluded run ids). A result from before every batch was seeded is excluded (and counted missing)."""
     runs, missing, excluded = [], [], []
     for k in s.ks:
         for seed in s.seeds:
@@ -438,6 +479,17 @@ def build_report(out: Path, s: Settings, report_dir: Path) -> dict:
                     missing.append(p.stem)
                 else:
                     runs.append(r)
+    return runs, missing, excluded
+
+
+def build_report(out: Path, s: Settings, report_dir: Path) -> dict:
+    """study.json, study.md (the marked block) and study_dice_vs_k.png from the run results under ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs, missing, excluded = collect_runs(out, s)
     cells = []
     for arm in s.arms:
         for k in s.ks:
@@ -445,14 +497,14 @@ def build_report(out: Path, s: Settings, report_dir: Path) -> dict:
             if not rs:
                 cells.append({"arm": arm, "k": k, "n_seeds": 0})
                 continue
-            dice, nsd = (_mean_sd([r["foreground_mean"][m] for r in rs]) for m in ("Dice", "NSD"))
-            organs = {o: _mean_sd([r["per_organ"][o]["Dice"] for r in rs])[0] for o in rs[0]["per_organ"]}
+            dice, nsd = (mean_sd([r["foreground_mean"][m] for r in rs]) for m in ("Dice", "NSD"))
+            organs = {o: mean_sd([r["per_organ"][o]["Dice"] for r in rs])[0] for o in rs[0]["per_organ"]}
             cells.append({
                 "arm": arm, "k": k, "n_seeds": len(rs), "seeds": sorted(r["seed"] for r in rs),
                 "dice_mean": dice[0], "dice_sd": dice[1], "nsd_mean": nsd[0], "nsd_sd": nsd[1],
                 "organ_dice_mean": organs,
-                "train_seconds_mean": _mean_sd([r["train_seconds"] or np.nan for r in rs])[0],
-                "predict_seconds_mean": _mean_sd([r["predict_seconds"] for r in rs])[0],
+                "train_seconds_mean": mean_sd([r["train_seconds"] or np.nan for r in rs])[0],
+                "predict_seconds_mean": mean_sd([r["predict_seconds"] for r in rs])[0],
                 "patch_size": rs[0]["patch_size"], "iterations": rs[0]["iterations"],
                 "dice_per_seed": [r["foreground_mean"]["Dice"] for r in sorted(rs, key=lambda r: r["seed"])],
             })  # fmt: skip
@@ -520,13 +572,7 @@ def build_report(out: Path, s: Settings, report_dir: Path) -> dict:
         )
     lines += [
         "",
-        f"Paired Dice - {BASELINE}: per seed, the arm's Dice minus the same network's from random init at the same "
-        "k and seed (both runs drew the same batches in the same order: every batch is fixed by the seed, "
-        f"`{SEEDING}`); mean over the seeds both have, paired-t 95 % confidence interval (scipy.stats.ttest_rel), "
-        "the sd of the differences, and how many seeds were above 0. "
-        f"Welch: the difference of the two arms' mean Dice with Welch's 95 % interval (scipy.stats.ttest_ind, "
-        "unequal variances), which ignores the pairing. An interval that contains 0 is no evidence either way; "
-        "its half-width bounds the effect the runs can rule out.",
+        COMPARISON_NOTE.format(metric="Dice", baseline=BASELINE, seeding=SEEDING),
         "",
         "Arms: " + "; ".join(f"**{a}** = {ARMS[a].label} (`{ARMS[a].trainer}`)" for a in s.arms) + ".",
     ]
@@ -543,17 +589,9 @@ def build_report(out: Path, s: Settings, report_dir: Path) -> dict:
     if curves:
         lines += ["", _snapshot_table(curves), "", "![test Dice along each run](study_learning_curve.png)"]
     lines += ["", REPORT_END]
-    md = report_dir / "study.md"
-    block = "\n".join(lines)
-    text = (
-        md.read_text() if md.is_file() else "# Label-efficiency study\n\n" + REPORT_BEGIN + "\n" + REPORT_END
+    write_marked_block(
+        report_dir / "study.md", "\n".join(lines), REPORT_BEGIN, REPORT_END, "Label-efficiency study"
     )
-    if REPORT_BEGIN in text and REPORT_END in text:
-        head, rest = text.split(REPORT_BEGIN, 1)
-        text = head + block + rest.split(REPORT_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    md.write_text(text)
 
     # plot
     fig, (ax, pax) = plt.subplots(1, 2, figsize=(11, 4))
@@ -585,21 +623,8 @@ def build_report(out: Path, s: Settings, report_dir: Path) -> dict:
 
 def _plot_paired(ax, cells: list[dict], s: Settings) -> None:
     """Per arm and k: each seed's paired difference to the baseline (dots), their mean and 95 % CI (bar)."""
-    groups = [c for c in cells if c.get("paired")]
-    for x, c in enumerate(groups):
-        d = list(c["paired"]["differences"].values())
-        jitter = np.linspace(-0.12, 0.12, len(d)) if len(d) > 1 else np.zeros(1)
-        ax.scatter(x + jitter, d, s=14, alpha=0.7, color="C0")
-        if c["paired"]["ci95"] is not None:
-            lo, hi = c["paired"]["ci95"]
-            ax.errorbar([x + 0.25], [c["paired"]["mean"]], yerr=[[c["paired"]["mean"] - lo], [hi - c["paired"]["mean"]]],
-                        fmt="D", color="C3", capsize=4)  # fmt: skip
-    ax.axhline(0, color="k", lw=0.8)
-    ax.set_xlim(-0.6, max(len(groups), 1) - 0.4)
-    ax.set_xticks(range(len(groups)), [f"{c['arm']}\nk={c['k']}" for c in groups], fontsize=8)
-    ax.set_ylabel(f"Dice - {BASELINE} (same seed)")
-    ax.set_title("paired differences: seeds (dots), mean and 95 % CI")
-    ax.grid(alpha=0.3)
+    groups = [(f"{c['arm']}\nk={c['k']}", c.get("paired")) for c in cells]
+    plot_paired(ax, groups, f"Dice - {BASELINE} (same seed)")
 
 
 def _snapshot_table(runs: list[dict]) -> str:
@@ -639,47 +664,25 @@ BASELINE = "scratch"
 
 def _against_baseline(cell: dict, base: dict | None) -> dict:
     """Mean Dice difference to the baseline cell and Welch's 95 % CI; {} where it cannot be computed."""
-    from scipy.stats import ttest_ind
-
     if cell["arm"] == BASELINE or not base or cell["n_seeds"] < 2 or base["n_seeds"] < 2:
         return {}
-    a, b = cell["dice_per_seed"], base["dice_per_seed"]
-    ci = ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
-    return {"dice_vs_baseline": float(np.mean(a) - np.mean(b)), "dice_vs_baseline_ci95": [float(ci.low), float(ci.high)]}
+    w = welch(cell["dice_per_seed"], base["dice_per_seed"])
+    return {"dice_vs_baseline": w["difference"], "dice_vs_baseline_ci95": w["ci95"]} if w else {}
 
 
 def _paired_against_baseline(cell: dict, base: dict | None) -> dict:
     """Seed-paired Dice differences to the baseline (seeds both cells have): mean, sd, paired-t 95 % CI and how
     many seeds were above 0; {} for the baseline itself or without a common seed."""
-    from scipy.stats import ttest_rel
-
     if cell["arm"] == BASELINE or not base or not cell["n_seeds"] or not base["n_seeds"]:
         return {}
-    a, b = dict(zip(cell["seeds"], cell["dice_per_seed"])), dict(zip(base["seeds"], base["dice_per_seed"]))
-    common = sorted(set(a) & set(b))
-    if not common:
-        return {}
-    d = np.asarray([a[i] - b[i] for i in common])
-    ci = None
-    if len(d) > 1 and np.ptp(d) > 0:
-        res = ttest_rel([a[i] for i in common], [b[i] for i in common]).confidence_interval(0.95)
-        ci = [float(res.low), float(res.high)]
-    return {"paired": {
-        "seeds": common, "n": len(common), "mean": float(d.mean()), "sd": float(d.std(ddof=1)) if len(d) > 1 else None,
-        "ci95": ci, "half_width": None if ci is None else (ci[1] - ci[0]) / 2, "n_above": int((d > 0).sum()),
-        "differences": {str(i): float(x) for i, x in zip(common, d)},
-    }}  # fmt: skip
+    p = paired(
+        dict(zip(cell["seeds"], cell["dice_per_seed"])), dict(zip(base["seeds"], base["dice_per_seed"]))
+    )
+    return {"paired": p} if p else {}
 
 
 def _format_paired(cell: dict) -> str:
-    if cell["arm"] == BASELINE:
-        return "(baseline)"
-    p = cell.get("paired")
-    if not p:
-        return ""
-    ci = f" [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}]" if p["ci95"] else ""
-    sd = f", sd {p['sd']:.3f}" if p["sd"] is not None else ""
-    return f"{p['mean']:+.3f}{ci}{sd}, {p['n_above']}/{p['n']} above"
+    return "(baseline)" if cell["arm"] == BASELINE else format_paired(cell.get("paired"))
 
 
 def _format_difference(cell: dict) -> str:
@@ -687,8 +690,7 @@ def _format_difference(cell: dict) -> str:
         return "(baseline)"
     if "dice_vs_baseline" not in cell:
         return ""
-    lo, hi = cell["dice_vs_baseline_ci95"]
-    return f"{cell['dice_vs_baseline']:+.3f} [{lo:+.2f}, {hi:+.2f}]"
+    return format_welch({"difference": cell["dice_vs_baseline"], "ci95": cell["dice_vs_baseline_ci95"]})
 
 
 def _iterations_note(cells: list[dict], s: Settings) -> str:
@@ -697,21 +699,31 @@ def _iterations_note(cells: list[dict], s: Settings) -> str:
     return "" if its == [s.epochs * s.iters] else ", " + "/".join(map(str, its)) + " iterations"
 
 
-def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(
+    argv: list[str] | None, study: type[Study] = Study, description: str | None = None
+) -> tuple[argparse.Namespace, Settings]:
+    """The command line of ``study`` (this study, or a subclass's: its settings, work folder and report
+    folder)."""
+    d, q = study.settings_cls(), study.settings_cls(**study.quick)
+    p = argparse.ArgumentParser(description=description or __doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument(
-        "--quick", action="store_true", help="toy sizes, 1 seed, 2 arms: the same code path in minutes"
-    )
+        "--quick", action="store_true",
+        help=f"toy sizes, {len(q.seeds)} seed(s), arms {' '.join(q.arms)}: the same code path in minutes",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, default=None,
-                   help="work folder (default work_dirs/study, or work_dirs/study_quick with --quick)")  # fmt: skip
+                   help=f"work folder (default work_dirs/{study.work_name}, or its _quick twin with --quick)")  # fmt: skip
+    home = study.report_home.relative_to(REPO).as_posix() + "/"
     p.add_argument("--report-dir", type=Path, default=None,
-                   help="where study.md/.json/.png go (default docs/, or the work folder with --quick)")  # fmt: skip
+                   help=f"where study.md/.json/.png go (default {home}, or the work folder with --quick)")  # fmt: skip
     p.add_argument("--arms", nargs="+", choices=list(ARMS), default=None,
-                   help=f"arms to run (default: {' '.join(DEFAULT_ARMS)})")  # fmt: skip
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="fine-tuning seeds (default 0 1 2)")
-    p.add_argument("--ks", type=int, nargs="+", default=None, help="labeled training cases (default 2 8)")
+                   help=f"arms to run (default: {' '.join(d.arms)})")  # fmt: skip
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help=f"fine-tuning seeds (default {' '.join(map(str, d.seeds))})")  # fmt: skip
+    p.add_argument("--ks", type=int, nargs="+", default=None,
+                   help=f"labeled training cases (default {' '.join(map(str, d.ks))})")  # fmt: skip
     p.add_argument(
-        "--corpus", type=int, default=None, help="unlabeled phantoms for pre-training (default 100)"
+        "--corpus", type=int, default=None, help=f"unlabeled phantoms for pre-training (default {d.corpus})"
     )
     p.add_argument("--pretrain-steps", type=int, default=None, help="optimizer steps per pre-training run")
     p.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (each --iters iterations)")
@@ -729,7 +741,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
     p.add_argument("--stages", nargs="+", default=["data", "pretrain", "plan", "finetune", "report"],
                    choices=["data", "pretrain", "plan", "finetune", "report"], help="stages to run (default all)")  # fmt: skip
     a = p.parse_args(argv)
-    s = Settings(**QUICK) if a.quick else Settings()
+    s = q if a.quick else d
     for name in ("arms", "seeds", "ks"):
         if getattr(a, name) is not None:
             setattr(s, name, tuple(getattr(a, name)))
@@ -738,16 +750,20 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
             setattr(s, name, getattr(a, name))
     if s.snapshot_every % s.iters:
         p.error(f"--snapshot-every {s.snapshot_every}: not a multiple of --iters {s.iters}")
-    a.out = (a.out or REPO / "work_dirs" / ("study_quick" if a.quick else "study")).resolve()
-    a.report_dir = (a.report_dir or (a.out if a.quick else REPO / "docs")).resolve()
+    work = REPO / "work_dirs" / (f"{study.work_name}_quick" if a.quick else study.work_name)
+    a.out = (a.out or work).resolve()
+    a.report_dir = (a.report_dir or (a.out if a.quick else study.report_home)).resolve()
     return a, s
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(
+    argv: list[str] | None = None, study_cls: type[Study] = Study, description: str | None = None
+) -> int:
+    """Run the stages of ``study_cls`` (this study by default) that are not done yet, then its report."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    a, s = parse_args(argv)
+    a, s = parse_args(argv, study_cls, description)
     stages = ["report"] if a.report_only else a.stages
-    study = Study(a.out, s)
+    study = study_cls(a.out, s)
     (a.out / f"settings_{a.report_dir.name}.json").write_text(json.dumps(asdict(s), indent=2))  # per report
     t0 = time.perf_counter()
     if "data" in stages:
@@ -763,8 +779,8 @@ def main(argv: list[str] | None = None) -> int:
         for arm, k, seed in tqdm(todo, desc="fine-tune + predict", unit="run"):
             study.finetune(arm, k, seed)
             if "report" in stages:  # keep the report current while the study runs
-                build_report(a.out, s, a.report_dir)
-    report = build_report(a.out, s, a.report_dir)
+                study.build_report(a.report_dir)
+    report = study.build_report(a.report_dir)
     log.info("report: %s (%d runs, %d missing) in %.0f s", a.report_dir / "study.md", len(report["runs"]),
              len(report["missing_runs"]), time.perf_counter() - t0)  # fmt: skip
     return 0
