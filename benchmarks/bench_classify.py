@@ -29,14 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_finetune  # noqa: E402 -- the phantom dataset, plans and the nnU-Net worker are shared
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    except OSError:
-        return "unknown (no lscpu)"
-    return next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "unknown")
+from machine import cpu_model  # noqa: E402
 
 
 def classifier_step(spec: dict) -> dict:

@@ -17,10 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -28,21 +28,13 @@ from mim_nnunet.submission.evaluate import score_target
 from mim_nnunet.submission.lesions import score_lesions
 from mim_nnunet.submission.profiles import Target
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_model  # noqa: E402 -- benchmarks/machine.py, also when loaded by path
+
 SHAPE = (100, 512, 512)  # z, y, x (SimpleITK array order)
 SPACING = (2.5, 0.78, 0.78)  # mm, same order
 TARGETS = (Target("liver", (1,), 5.0), Target("tumour", (2,), 2.0))
 TUMOUR_RADII_MM = (2.5, 4.0, 6.0, 10.0, 15.0, 20.0)
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown (lscpu failed)"
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown (no 'Model name' in lscpu)"
 
 
 def paint_ellipsoid(seg: np.ndarray, centre_mm, radii_mm, value: int) -> None:

@@ -11,7 +11,7 @@ all of them together); chance is 1/3.
 from __future__ import annotations
 
 import argparse
-import platform
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +23,9 @@ from mim_nnunet.data.phantoms import (
     classification_features,
     single_feature_accuracy,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_model  # noqa: E402 -- benchmarks/machine.py, also when loaded by path
 
 TASK = "cc-ccii"
 
@@ -43,15 +46,6 @@ def table(features: list[dict[str, float]], classes: list[str], accuracy: dict[s
         out.append(f"| {key} | " + " | ".join(cells) + f" | {acc} |")
     out.append("| all five together | " + " | ".join("" for _ in names) + f" | {accuracy['all']:.3f} |")
     return "\n".join(out)
-
-
-def cpu_name() -> str:
-    """The CPU model (lscpu's "Model name"), from /proc/cpuinfo where there is one."""
-    try:
-        model = [ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")]
-    except OSError:
-        model = []
-    return model[0].split(":", 1)[1].strip() if model else platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     best = max(LUNG_FEATURES, key=lambda k: accuracy[k])
     print(
         f"{a.cases} phantoms ({', '.join(f'{c} {classes.count(c)}' for c in dict.fromkeys(classes))}), "
-        f"{seconds:.2f} s per case, {cpu_name()}; best single number: {best}, accuracy {accuracy[best]:.3f} "
+        f"{seconds:.2f} s per case, {cpu_model()}; best single number: {best}, accuracy {accuracy[best]:.3f} "
         f"(chance {1 / len(set(classes)):.3f}, {a.folds}-fold cross-validation)\n"
     )
     print(table(features, classes, accuracy))

@@ -10,7 +10,7 @@ more lesions per case, the same lesions as the tasks' first ones) with
 from __future__ import annotations
 
 import argparse
-import platform
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +24,9 @@ from mim_nnunet.data.phantoms import (
     make_phantom,
     size_bin,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_model  # noqa: E402 -- benchmarks/machine.py, also when loaded by path
 
 TYPES = ("liver lesion, hypo", "liver lesion, hyper", "kidney tumour", "kidney cyst")
 
@@ -62,15 +65,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def cpu_name() -> str:
-    """The CPU model (lscpu's "Model name"), from /proc/cpuinfo where there is one."""
-    try:
-        model = [ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")]
-    except OSError:
-        model = []
-    return model[0].split(":", 1)[1].strip() if model else platform.machine()
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", type=int, default=20, help="phantoms to measure (default 20)")
@@ -79,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, seconds = measure(a.cases, a.seed)
     print(
         f"{a.cases} phantoms, {len(rows)} lesions, {np.mean(seconds):.2f} s per case (generation + report, "
-        f"max {np.max(seconds):.2f} s), {cpu_name()}\n"
+        f"max {np.max(seconds):.2f} s), {cpu_model()}\n"
     )
     print(table(rows))
     return 0
