@@ -38,7 +38,19 @@ def rss_gb() -> float:
 
 
 def peak_rss_gb() -> float:
+    """Peak RSS of this process since it started, in GiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def baseline_rss_gb() -> float:
+    """RSS at the point every peak-memory delta starts from: after the imports, before the network is built.
+
+    The first ``optimizer.step()`` imports ``torch._dynamo`` (``torch.optim.optimizer``), which nnU-Net's trainer
+    module imports at the top: imported here, it is outside every delta, not only outside nnU-Net's.
+    """
+    import torch._dynamo  # noqa: F401
+
+    return rss_gb()
 
 
 def worker(spec: dict) -> dict:
@@ -61,7 +73,7 @@ def worker(spec: dict) -> dict:
     pm = PlansManager(plans)
     cm = pm.get_configuration("3d_fullres")
     n_heads = pm.get_label_manager(dataset_json).num_segmentation_heads
-    base_rss = rss_gb()
+    base_rss = baseline_rss_gb()
     torch.manual_seed(0)
     if spec["kind"] == "train":
         trainer = cls(
@@ -88,10 +100,12 @@ def worker(spec: dict) -> dict:
         out = {
             "iteration_s": statistics.median(times),
             "iteration_times_s": times,
+            "base_rss_gb": base_rss,
             "peak_rss_gb": peak_rss_gb(),
             "peak_delta_gb": peak_rss_gb() - base_rss,
             "patch_size": list(patch),
             "batch_size": batch,
+            "threads": torch.get_num_threads(),
             "parameters": sum(p.numel() for p in trainer.network.parameters()),
         }
         if spec["trainer"] == "mim":
