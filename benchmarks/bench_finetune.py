@@ -5,7 +5,8 @@ the stock network re-planned at the MiM patch (plans surgery: nnU-Net's topology
 MiM network of each requested preset at the MiM patch:
 - training iteration time: nnU-Net's own ``train_step`` (forward, deep-supervision DC+CE loss, backward, clipping,
   optimiser step; no data loading) on random tensors, median of the timed iterations;
-- peak memory: peak RSS of a fresh worker process minus its RSS before the network was built (CPU);
+- peak memory: a fresh worker process's own peak RSS (``VmHWM``) minus its RSS at ``baseline_rss_gb`` (after
+  the imports, before the network is built; CPU);
 - inference time per case: ``nnUNetPredictor.predict_single_npy_array`` on the raw test cases (preprocessing,
   sliding window with step 0.5 and Gaussian weighting, resampling back), no mirroring for either.
 Each measurement runs in its own process (clean peak RSS); stock and MiM alternate over ``--rounds`` and the
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -38,8 +38,13 @@ def rss_gb() -> float:
 
 
 def peak_rss_gb() -> float:
-    """Peak RSS of this process since it started, in GiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    """Peak RSS of this process's own memory since it started, in GiB (Linux /proc: ``VmHWM``).
+
+    Not ``getrusage``'s ``ru_maxrss``: Linux carries the parent's high-water mark across fork and exec into it, so
+    a worker started by a parent that had planned the dataset reported at least the parent's peak.
+    """
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20  # KiB
 
 
 def baseline_rss_gb() -> float:
