@@ -4,13 +4,18 @@ On the synthetic phantom dataset (benchmarks/bench_finetune.py's ``prepare``: ph
 preset), each measurement in a fresh process (clean peak RSS), alternating over ``--rounds`` (the fastest counts):
 
 - classifier training iteration: forward, cross-entropy, backward, clipping, AdamW step with layer-wise decay
-  (what ``mim_nnunet_classify train`` runs per batch, no data loading), on random tensors; median time, peak RSS
-  delta (CPU) or peak CUDA memory;
-- nnUNetTrainerMiM's ``train_step`` at the same patch and batch (bench_finetune.py's worker, CPU);
+  (what ``mim_nnunet_classify train`` runs per batch, no data loading), on random tensors; median time and peak
+  memory (CPU: RSS, below; CUDA: peak allocated);
+- nnUNetTrainerMiM's ``train_step`` at the same patch and batch (bench_finetune.py's worker, CPU): the same
+  encoder plus the decoder, deep supervision and its DC+CE loss, also without data loading, same thread count;
 - prediction per case: ``mim_nnunet_classify predict`` on the phantom test cases (reading, reorientation,
   resampling, windowing, forward) of a run trained for one epoch on the phantoms with made-up classes.
 
-Prints the figures with the CPU model (``lscpu``) and writes them as JSON.
+Peak RSS is reported both ways: the process's peak and the peak above its RSS at one baseline point, the same
+for both steps (``bench_finetune.baseline_rss_gb``: after the imports, ``torch._dynamo`` included, before the
+network is built). The delta is the step's cost (network, optimiser state, activations, kernels' workspace); the
+absolute peak also holds what each process imported (nnU-Net's worker imports the trainer, the predictor and
+their dependencies). Prints the figures with the CPU model (``lscpu``) and writes them as JSON.
 
     python benchmarks/bench_classify.py --presets tiny small --size 64 64 64 --batch 2
 """
@@ -43,7 +48,7 @@ def classifier_step(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
-    base = bench_finetune.rss_gb()
+    base = bench_finetune.baseline_rss_gb()
     kw = network_kwargs(make_config(spec["preset"]), 1, 0.1)
     torch.manual_seed(0)
     net = MiMClassifier(2, spec["size"], pooling=spec["pooling"], **kw).to(device).train()
@@ -66,12 +71,13 @@ def classifier_step(spec: dict) -> dict:
             torch.cuda.synchronize()
         if i >= spec["warmup"]:
             times.append(time.perf_counter() - t)
-    out = {"iteration_s": statistics.median(times), "iteration_times_s": times,
-           "parameters": sum(p.numel() for p in net.parameters())}  # fmt: skip
+    out = {"iteration_s": statistics.median(times), "iteration_times_s": times, "input_shape": list(x.shape),
+           "threads": torch.get_num_threads(), "parameters": sum(p.numel() for p in net.parameters())}  # fmt: skip
     if device.type == "cuda":
         out["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 2**30
     else:
-        out["peak_delta_gb"] = bench_finetune.peak_rss_gb() - base
+        peak = bench_finetune.peak_rss_gb()
+        out.update(base_rss_gb=base, peak_rss_gb=peak, peak_delta_gb=peak - base)
     return out
 
 
@@ -129,6 +135,18 @@ def specs_for(preset: str, paths: dict, args) -> list[dict]:
     ]  # fmt: skip
 
 
+def summary(cls: dict, seg: dict) -> str:
+    """Classifier against nnUNetTrainerMiM: step time, and peak memory as delta and absolute (CPU)."""
+    t = (f"step median {cls['iteration_s']:.3f} s (min {min(cls['iteration_times_s']):.3f}) against "
+         f"{seg['iteration_s']:.3f} s (min {min(seg['iteration_times_s']):.3f}), "
+         f"{cls['iteration_s'] / seg['iteration_s']:.2f}x")  # fmt: skip
+    if "peak_cuda_gb" in cls:
+        return t + f"; classifier peak CUDA memory {cls['peak_cuda_gb']:.2f} GiB (nnUNetTrainerMiM's step: CPU)"
+    return t + (f"; peak RSS above the baseline {cls['peak_delta_gb']:.2f} against {seg['peak_delta_gb']:.2f} GiB, "
+                f"{cls['peak_delta_gb'] / seg['peak_delta_gb']:.2f}x; absolute {cls['peak_rss_gb']:.2f} against "
+                f"{seg['peak_rss_gb']:.2f} GiB (baselines {cls['base_rss_gb']:.2f}, {seg['base_rss_gb']:.2f})")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", default="/tmp/mim_bench_classify")
@@ -163,13 +181,9 @@ def main(argv: list[str] | None = None) -> int:
                               dataset=str(paths["dataset_json"].parent),
                               checkpoint=str(work / f"{preset}.safetensors")))  # fmt: skip
         results[f"predict_{preset}"] = res
-        cls, seg = results[f"classifier_{preset}"], results[f"segmentation_{preset}"]
-        mem = "peak_delta_gb" if "peak_delta_gb" in cls else "peak_cuda_gb"
-        print(f"{preset} at {args.size} batch {args.batch}: classifier step median {cls['iteration_s']:.3f} s "
-              f"(min {min(cls['iteration_times_s']):.3f}, {cls[mem]:.2f} GiB), nnUNetTrainerMiM step median "
-              f"{seg['iteration_s']:.3f} s (min {min(seg['iteration_times_s']):.3f}, {seg['peak_delta_gb']:.2f} GiB); "
-              f"median ratio {cls['iteration_s'] / seg['iteration_s']:.2f}x; predict {res['predict_s_per_case']:.2f} "
-              "s per case")  # fmt: skip
+        print(f"{preset} at {args.size} batch {args.batch}: "
+              + summary(results[f"classifier_{preset}"], results[f"segmentation_{preset}"])
+              + f"; predict {res['predict_s_per_case']:.2f} s per case")  # fmt: skip
     report = {"cpu": cpu_model(), "cores": os.cpu_count(), "load_average_at_end": os.getloadavg(),
               "args": {k: v for k, v in vars(args).items() if k != "worker"}, "results": results}  # fmt: skip
     print(f"CPU: {report['cpu']} ({report['cores']} cores), torch threads {args.threads}")

@@ -5,7 +5,8 @@ the stock network re-planned at the MiM patch (plans surgery: nnU-Net's topology
 MiM network of each requested preset at the MiM patch:
 - training iteration time: nnU-Net's own ``train_step`` (forward, deep-supervision DC+CE loss, backward, clipping,
   optimiser step; no data loading) on random tensors, median of the timed iterations;
-- peak memory: peak RSS of a fresh worker process minus its RSS before the network was built (CPU);
+- peak memory: a fresh worker process's own peak RSS (``VmHWM``) minus its RSS at ``baseline_rss_gb`` (after
+  the imports, before the network is built; CPU);
 - inference time per case: ``nnUNetPredictor.predict_single_npy_array`` on the raw test cases (preprocessing,
   sliding window with step 0.5 and Gaussian weighting, resampling back), no mirroring for either.
 Each measurement runs in its own process (clean peak RSS); stock and MiM alternate over ``--rounds`` and the
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -38,7 +38,24 @@ def rss_gb() -> float:
 
 
 def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    """Peak RSS of this process's own memory since it started, in GiB (Linux /proc: ``VmHWM``).
+
+    Not ``getrusage``'s ``ru_maxrss``: Linux carries the parent's high-water mark across fork and exec into it, so
+    a worker started by a parent that had planned the dataset reported at least the parent's peak.
+    """
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20  # KiB
+
+
+def baseline_rss_gb() -> float:
+    """RSS at the point every peak-memory delta starts from: after the imports, before the network is built.
+
+    The first ``optimizer.step()`` imports ``torch._dynamo`` (``torch.optim.optimizer``), which nnU-Net's trainer
+    module imports at the top: imported here, it is outside every delta, not only outside nnU-Net's.
+    """
+    import torch._dynamo  # noqa: F401
+
+    return rss_gb()
 
 
 def worker(spec: dict) -> dict:
@@ -61,7 +78,7 @@ def worker(spec: dict) -> dict:
     pm = PlansManager(plans)
     cm = pm.get_configuration("3d_fullres")
     n_heads = pm.get_label_manager(dataset_json).num_segmentation_heads
-    base_rss = rss_gb()
+    base_rss = baseline_rss_gb()
     torch.manual_seed(0)
     if spec["kind"] == "train":
         trainer = cls(
@@ -88,10 +105,12 @@ def worker(spec: dict) -> dict:
         out = {
             "iteration_s": statistics.median(times),
             "iteration_times_s": times,
+            "base_rss_gb": base_rss,
             "peak_rss_gb": peak_rss_gb(),
             "peak_delta_gb": peak_rss_gb() - base_rss,
             "patch_size": list(patch),
             "batch_size": batch,
+            "threads": torch.get_num_threads(),
             "parameters": sum(p.numel() for p in trainer.network.parameters()),
         }
         if spec["trainer"] == "mim":
