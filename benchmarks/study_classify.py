@@ -541,6 +541,7 @@ def _plot(cs: list[dict], s: ClassifySettings, path: Path, n_missing: int) -> No
         ax.axhline(CHANCE[m], color="grey", ls="--", lw=0.8, label="chance")
         ax.set_xscale("log", base=2)
         ax.set_xticks(list(s.ks), [str(k) for k in s.ks])
+        ax.set_xlim(min(s.ks) / 1.5, max(s.ks) * 1.5)  # also with one k, whose two dodged points set no range
         ax.set_xlabel("labeled training cases per class k")
         ax.set_ylabel(METRICS_SHOWN[m])
         ax.set_ylim(0, 1)
