@@ -269,6 +269,10 @@ class Study:
                 names.append(src)
         return names
 
+    def pretrain_options(self, arm: str) -> tuple[str, ...]:
+        """The pre-training arm's own ``mim_nnunet_pretrain`` options (a study of another task may add some)."""
+        return ARMS[arm].pretrain_args
+
     def pretrain(self) -> None:
         s = self.s
         for arm in self.pretrained_arms():
@@ -279,7 +283,7 @@ class Study:
                 "-i", str(self.out / "corpus"), "-o", str(run), "--cache", str(self.out / "pretrain" / "cache"),
                 "--preset", s.preset, "--max-steps", str(s.pretrain_steps), "--batch-size", str(s.pretrain_batch),
                 "--lr", str(s.pretrain_lr), "--save-every", str(max(1, s.pretrain_steps // 4)), "--device", "cpu",
-                "--seed", "0", "--no-progress", *ARMS[arm].pretrain_args,
+                "--seed", "0", "--no-progress", *self.pretrain_options(arm),
             ]  # fmt: skip
             if (run / "resume_state.pt").is_file():
                 cmd.append("--resume")
@@ -757,11 +761,13 @@ def parse_args(
 
 
 def main(
-    argv: list[str] | None = None, study_cls: type[Study] = Study, description: str | None = None
+    argv: list[str] | None = None, study_cls: type[Study] = Study, description: str | None = None, parse=parse_args
 ) -> int:
-    """Run the stages of ``study_cls`` (this study by default) that are not done yet, then its report."""
+    """Run the stages of ``study_cls`` (this study by default) that are not done yet, then its report. ``parse``:
+    the command line (``parse_args``, or a study's own with the same namespace: stages, report_only, out,
+    report_dir)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    a, s = parse_args(argv, study_cls, description)
+    a, s = parse(argv, study_cls, description)
     stages = ["report"] if a.report_only else a.stages
     study = study_cls(a.out, s)
     (a.out / f"settings_{a.report_dir.name}.json").write_text(json.dumps(asdict(s), indent=2))  # per report

@@ -19,11 +19,13 @@ from mim_nnunet.data.phantoms import (
     LUNG_FEATURES,
     LUNG_LABELS,
     PSF_MM,
+    _stream_seed,
     case_classes,
     classification_features,
     lung_features,
     make_phantom,
     single_feature_accuracy,
+    write_unlabeled_corpus,
 )
 
 CHEST = (130.0, 120.0, 130.0)
@@ -202,6 +204,32 @@ def test_classification_dataset_cli(tmp_path):
         "cc-ccii", 3, 1, shape_mm=(90.0, 80.0, 80.0), spacing=(2.0,) * 3
     )
     assert classes == train[:1] and (features[0]["affected_fraction"] > 0) == (train[0] != "normal")
+
+
+def test_chest_corpus_cli(tmp_path):
+    """``corpus --field chest``: unlabeled chest phantoms of the corpus's own case seeds, whose lungs carry the
+    cc-ccii classes' diseases in the dataset's proportions; the abdomen corpus is the default and unchanged."""
+    geometry = ["--size-mm", "90", "80", "80", "--spacing", "2", "2", "2"]
+    argv = ["corpus", "-o", str(tmp_path / "chest"), "-n", "3", "--seed", "3", "--field", "chest", *geometry]
+    assert phantoms_main(argv) == 0
+    paths = sorted((tmp_path / "chest").iterdir())
+    assert [p.name for p in paths] == [f"phantom_{i:04d}.nii.gz" for i in range(3)]
+    task = CLASSIFICATION_TASKS["cc-ccii"]
+    diseases = [task.classes[c] for c in case_classes("cc-ccii", 3, 0, 3)]
+    assert sorted(diseases, key=str) == sorted(task.classes.values(), key=str)  # 3 cases: one of each class
+    assert phantoms_main(["corpus", "-o", str(tmp_path / "abdomen"), "-n", "1", "--seed", "3", *geometry]) == 0
+    abdomen = _arr(sitk.ReadImage(str(tmp_path / "abdomen" / "phantom_0000.nii.gz")))
+    for i, (path, disease) in enumerate(zip(paths, diseases)):
+        image = _arr(sitk.ReadImage(str(path)))
+        seed = _stream_seed(3, 0, i)  # the corpus's stream: no case of a dataset of this seed
+        expected, label = make_phantom(seed, (90.0, 80.0, 80.0), (2.0,) * 3, field="chest", lung_disease=disease)
+        assert np.array_equal(image, _arr(expected))
+        assert (np.isin(_arr(label), [CONSOLIDATION, GROUND_GLASS]).any()) == (disease is not None)
+        if i == 0:
+            plain, _ = make_phantom(seed, (90.0, 80.0, 80.0), (2.0,) * 3, labels=False)
+            assert np.array_equal(abdomen, _arr(plain)) and not np.array_equal(image, abdomen)
+    with pytest.raises(ValueError, match="unknown field 'knee'"):
+        write_unlabeled_corpus(tmp_path / "knee", 1, field="knee")
 
 
 def test_lung_features_measure_the_lungs():

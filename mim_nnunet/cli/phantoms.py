@@ -8,6 +8,7 @@ import logging
 
 from ..data.phantoms import (
     CLASSIFICATION_TASKS,
+    FIELDS,
     TASKS,
     write_classification_dataset,
     write_nnunet_dataset,
@@ -53,6 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--out", required=True, help="output folder (created if missing)")
     c.add_argument("-n", "--num", type=int, default=16, help="number of volumes (default 16)")
     c.add_argument("--seed", type=int, default=0, help="corpus seed (default 0)")
+    c.add_argument(
+        "--field",
+        choices=list(FIELDS),
+        default="abdomen",
+        help="abdomen (default: the organ phantoms) or chest: chest phantoms whose lungs are normal or diseased in "
+        "the cc-ccii dataset's proportions, the disease not recorded (an unlabeled corpus for pre-training a "
+        "classifier, docs/classification.md)",
+    )
     _dataset_parser(sub, geometry)
     return p
 
@@ -106,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     log = logging.getLogger("mim_nnunet.phantoms")
     if args.command == "corpus":
         paths = write_unlabeled_corpus(
-            args.out, args.num, seed=args.seed, shape_mm=args.size_mm, spacing=args.spacing
+            args.out, args.num, seed=args.seed, shape_mm=args.size_mm, spacing=args.spacing, field=args.field
         )
         log.info("wrote %d phantoms to %s", len(paths), args.out)
     else:

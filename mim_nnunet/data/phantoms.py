@@ -21,7 +21,8 @@ vessels, atelectasis, emphysema); they are labeled (:data:`LUNG_LABELS`). A case
 :data:`LUNG_DISEASES` (lobar consolidation, peripheral ground glass) is painted in them, on its own seed stream;
 :data:`CLASSIFICATION_TASKS` names the CC-CCII-like classification dataset written from them (no labels, a
 case -> class table), and :func:`single_feature_accuracy` measures that no global lung number decides its class
-(docs/classification.md, "The phantoms").
+(docs/classification.md, "The phantoms"); :func:`write_unlabeled_corpus` with ``field="chest"`` writes an
+unlabeled chest corpus, its lungs sick or healthy in the dataset's proportions, for pre-training.
 
 Every phantom is an analytic object defined in *physical* (LPS, mm) coordinates and sampled on a grid with its
 own spacing, size, origin and direction cosines. Directions are signed permutations: some images are stored
@@ -881,16 +882,29 @@ def write_unlabeled_corpus(
     *,
     shape_mm: tuple[float, float, float] | None = None,
     spacing: tuple[float, float, float] | None = None,
+    field: str = "abdomen",
 ) -> list[Path]:
     """Write ``n`` unlabeled phantoms ``phantom_XXXX.nii.gz`` into ``out_dir``; returns their paths.
 
-    ``shape_mm`` / ``spacing`` fix the extent / spacing of every case (default: drawn per case).
+    ``shape_mm`` / ``spacing`` fix the extent / spacing of every case (default: drawn per case). ``field``: the
+    abdomen (default: the organ phantoms) or the chest (:data:`FIELDS`), an unlabeled chest corpus for
+    pre-training a classifier's encoder: its lungs are normal or carry one of :data:`LUNG_DISEASES`, in the
+    proportions of the cc-ccii dataset's classes (:func:`case_classes` on the corpus's seed stream), with the
+    disease recorded nowhere, as a hospital's unlabeled chest CT holds sick and healthy lungs alike.
     """
+    if field not in FIELDS:
+        raise ValueError(f"unknown field {field!r}; expected one of {sorted(FIELDS)}")
+    diseases: list[str | None] = [None] * n
+    if field == "chest":
+        t = CLASSIFICATION_TASKS["cc-ccii"]
+        diseases = [t.classes[c] for c in case_classes("cc-ccii", seed, 0, n)]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(n):
-        image, _ = make_phantom(_stream_seed(seed, 0, i), shape_mm, spacing, labels=False)
+        image, _ = make_phantom(
+            _stream_seed(seed, 0, i), shape_mm, spacing, labels=False, field=field, lung_disease=diseases[i]
+        )
         p = out / f"phantom_{i:04d}.nii.gz"
         sitk.WriteImage(image, str(p), useCompression=True)
         paths.append(p)
