@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -178,34 +176,21 @@ def test_two_runs_of_one_arm_at_one_seed_end_with_bit_identical_weights(quick_st
     arm = mod.ARMS["MiM"]
     plans, fold = study.plans_name("MiM"), study.fold(1)
 
-    def start(tag: str, seed: int) -> tuple[Path, subprocess.Popen]:
+    def train(tag: str, seed: int) -> dict:
         results = tmp_path / tag
         env = _env(study, nnUNet_results=str(results), MIM_NNUNET_STUDY_SEED=str(seed),
                    MIM_NNUNET_STUDY_EPOCHS="1", MIM_NNUNET_STUDY_ITERS="4")  # fmt: skip
         cmd = [str(Path(sys.executable).parent / "nnUNetv2_train"), str(mod.DATASET_ID), "3d_fullres", str(fold),
                "-tr", arm.trainer, "-p", plans, "-device", "cpu"]  # fmt: skip
-        with open(tmp_path / f"{tag}.out", "w") as output:  # a file, not a pipe: no run waits on a full pipe
-            proc = subprocess.Popen(cmd, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
-        return results, proc
-
-    def finish(results: Path, proc: subprocess.Popen) -> tuple[dict, str]:
-        proc.wait(timeout=900)
-        out = (tmp_path / f"{results.name}.out").read_text(encoding="utf-8", errors="replace")
-        assert proc.returncode == 0, out[-6000:]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace",
+                             timeout=900)  # fmt: skip
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         model = results / mod.DATASET / f"{arm.trainer}__{plans}__3d_fullres" / f"fold_{fold}"
         log = next(model.glob("training_log_*.txt")).read_text()
         weights = torch.load(model / "checkpoint_final.pth", map_location="cpu", weights_only=False)
         return weights["network_weights"], log
 
-    # The three runs at once (each on one thread: OMP_NUM_THREADS=1): most of a run is its process start-up, on
-    # one core; running together they also share the CPU unevenly, which must not change what they compute.
-    started = [start("a", 0), start("b", 0), start("c", 1)]
-    try:
-        (a, log), (b, _), (c, _) = (finish(*s) for s in started)
-    finally:
-        for _, proc in started:  # a failed or timed-out run: end it and its augmentation workers
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+    (a, log), (b, _), (c, _) = train("a", 0), train("b", 0), train("c", 1)
     assert a.keys() == b.keys()
     differing = [k for k in a if not torch.equal(a[k], b[k])]
     assert not differing, f"{len(differing)} of {len(a)} tensors differ between two runs at seed 0, e.g. {differing[:3]}"
