@@ -157,13 +157,20 @@ class Settings:
     # Also score the weights every this many iterations of each run (0: only the final weights): the test Dice
     # against iterations, to see where a run has converged. A multiple of ``iters``.
     snapshot_every: int = 0
+    # nnUNetv2_predict's worker processes (-npp and -nps): 1 each, nnU-Net's own way; 0: its sequential,
+    # in-process prediction (``--quick``: each worker is a process start-up that imports torch again)
+    predict_processes: int = 1
     shape_mm: tuple[float, float, float] | None = None  # None: the phantoms' default (drawn per case)
     data_seed: int = 0
 
 
+#: ``--quick``: every stage at toy sizes, the MiM arm on two folds (k = 1 and 2): 2 runs, each an nnU-Net training
+#: and prediction (mostly process start-ups at this size; the prediction in-process). The scratch arm and the
+#: comparison with it run in the tumour study's ``--quick`` (study_tumours.py: MiM and scratch at two seeds, the
+#: same Study stages).
 QUICK = dict(
-    corpus=4, ks=(1, 2), val=1, test=1, seeds=(0,), arms=("MiM", "scratch"), pretrain_steps=3, epochs=1,
-    iters=3, shape_mm=(80.0, 80.0, 80.0), stock_epochs=None,
+    corpus=4, ks=(1, 2), val=1, test=1, seeds=(0,), arms=("MiM",), pretrain_steps=3, epochs=1,
+    iters=3, shape_mm=(80.0, 80.0, 80.0), stock_epochs=None, predict_processes=0,
 )  # fmt: skip
 
 
@@ -436,7 +443,8 @@ class Study:
             seconds = _run(
                 [_exe("nnUNetv2_predict"), "-i", str(self.raw / self.dataset / "imagesTs"), "-o", str(folder),
                  "-d", str(self.dataset_id), "-c", "3d_fullres", "-f", str(fold), "-tr", a.trainer, "-p", plans,
-                 "-device", "cpu", "--disable_tta", "-chk", checkpoint, "-npp", "1", "-nps", "1"], env, logfile)  # fmt: skip
+                 "-device", "cpu", "--disable_tta", "-chk", checkpoint, "-npp", str(s.predict_processes),
+                 "-nps", str(s.predict_processes)], env, logfile)  # fmt: skip
             return seconds, self.evaluate(folder)
 
         snapshots = []

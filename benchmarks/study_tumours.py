@@ -93,10 +93,11 @@ class TumourSettings(organ.Settings):
     arms: tuple[str, ...] = ("MiM", "MAE", "scratch")
 
 
-#: ``--quick``: the same code path at toy sizes; two seeds, so that the paired and Welch cells are exercised
+#: ``--quick``: the same code path at toy sizes; two seeds, so that the paired and Welch cells are exercised; the
+#: prediction in-process (``Settings.predict_processes``)
 QUICK = dict(
     corpus=4, ks=(2,), val=1, test=2, seeds=(0, 1), arms=("MiM", "scratch"), pretrain_steps=3, epochs=1,
-    iters=3, shape_mm=(80.0, 80.0, 80.0), stock_epochs=None,
+    iters=3, shape_mm=(80.0, 80.0, 80.0), stock_epochs=None, predict_processes=0,
 )  # fmt: skip
 
 

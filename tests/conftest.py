@@ -33,3 +33,32 @@ def phantom_dataset(tmp_path_factory):
     return write_nnunet_dataset(
         raw, 990, "MiMPhantom", n_train=2, n_test=1, seed=0, shape_mm=(80.0, 72.0, 64.0)
     )
+
+
+def _load_benchmark(name: str):
+    """A module of benchmarks/ by its path (registered in sys.modules: dataclasses look their module up there)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def quick_study_stages(tmp_path_factory):
+    """The organ study's ``--quick`` data, pre-training and planning stages
+    (benchmarks/study_label_efficiency.py), run once for the session: about a minute of pre-training and
+    planning that the seeding tests and both ``--quick`` study tests would otherwise each redo. The seeding tests
+    read the folder; the study tests copy it (the organ study all of it, the tumour study its corpus and
+    pre-training) and resume from the copy, so nothing a test writes reaches another. Returns the folder."""
+    mod = _load_benchmark("study_label_efficiency")
+    study = mod.Study(tmp_path_factory.mktemp("quick_study_stages"), mod.Settings(**mod.QUICK))
+    study.data()
+    study.pretrain()
+    study.plan()
+    return study.out

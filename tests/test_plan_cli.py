@@ -67,19 +67,29 @@ def test_empty_window_refused(checkpoint, tmp_path):
     assert "--window 250 -175: LO must be below HI" in line
 
 
-def test_fine_tuning_window_replaces_the_checkpoints_in_the_plans(checkpoint, tmp_path):
-    import json
-
+@pytest.fixture(scope="module")
+def default_plans(checkpoint, tmp_path_factory):
+    """A 2-case phantom dataset (977) planned with -plans_name Default (--no_pp): its nnU-Net folders and the
+    command's result, for the two tests below (each plan command is a process start-up and a fingerprint)."""
     from mim_nnunet.data.phantoms import write_nnunet_dataset
 
-    raw, pre = tmp_path / "raw", tmp_path / "pre"
+    root = tmp_path_factory.mktemp("default_plans")
+    raw, pre = root / "raw", root / "pre"
     folder = write_nnunet_dataset(raw, 977, "Win", n_train=2, n_test=0, seed=0, shape_mm=(56.0, 56.0, 56.0))
-    env = dict(nnUNet_raw=str(raw), nnUNet_preprocessed=str(pre), nnUNet_results=str(tmp_path / "res"))
-    for name, window in (("Default", None), ("Task", ["-175", "250"])):
-        args = ["-d", "977", "-pt", str(checkpoint), "-npfp", "1", "--no_pp", "-plans_name", name]
-        proc = _plan(args + (["--window", *window] if window else []), **env)
-        assert proc.returncode == 0, proc.stderr
-    default, task = (json.loads((pre / folder.name / f"{n}.json").read_text()) for n in ("Default", "Task"))
+    env = dict(nnUNet_raw=str(raw), nnUNet_preprocessed=str(pre), nnUNet_results=str(root / "res"))
+    proc = _plan(["-d", "977", "-pt", str(checkpoint), "-npfp", "1", "--no_pp", "-plans_name", "Default"], **env)
+    return pre / folder.name, env, proc
+
+
+def test_fine_tuning_window_replaces_the_checkpoints_in_the_plans(checkpoint, default_plans):
+    import json
+
+    plans, env, proc = default_plans
+    assert proc.returncode == 0, proc.stderr
+    proc = _plan(["-d", "977", "-pt", str(checkpoint), "-npfp", "1", "--no_pp", "-plans_name", "Task",
+                  "--window", "-175", "250"], **env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    default, task = (json.loads((plans / f"{n}.json").read_text()) for n in ("Default", "Task"))
     props = task["foreground_intensity_properties_per_channel"]["0"]
     assert (props["percentile_00_5"], props["percentile_99_5"], props["std"]) == (-175.0, 250.0, 425.0)
     assert task["mim"]["intensity_window"] == [-175.0, 250.0]
@@ -93,16 +103,11 @@ def test_fine_tuning_window_replaces_the_checkpoints_in_the_plans(checkpoint, tm
     assert "window_hint" not in task["mim"]["decisions"]
 
 
-def test_closing_line_names_the_planned_dataset_and_plans(checkpoint, tmp_path):
-    from mim_nnunet.data.phantoms import write_nnunet_dataset
-
-    raw, pre = tmp_path / "raw", tmp_path / "pre"
-    write_nnunet_dataset(raw, 976, "Hint", n_train=2, n_test=0, seed=0, shape_mm=(56.0, 56.0, 56.0))
-    proc = _plan(["-d", "976", "-pt", str(checkpoint), "-npfp", "1", "--no_pp", "-plans_name", "HintPlans"],
-                 nnUNet_raw=str(raw), nnUNet_preprocessed=str(pre), nnUNet_results=str(tmp_path / "res"))  # fmt: skip
+def test_closing_line_names_the_planned_dataset_and_plans(default_plans):
+    _, _, proc = default_plans
     assert proc.returncode == 0, proc.stderr
     last = proc.stdout.strip().splitlines()[-1]
-    assert last.split() == ["nnUNetv2_train", "976", "3d_fullres", "FOLD", "-tr", "nnUNetTrainerMiM", "-p", "HintPlans"]
+    assert last.split() == ["nnUNetv2_train", "977", "3d_fullres", "FOLD", "-tr", "nnUNetTrainerMiM", "-p", "Default"]
 
 
 @pytest.mark.parametrize(

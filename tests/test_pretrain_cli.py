@@ -164,8 +164,9 @@ def test_requeued_command_resumes_and_checks_its_cache(phantom_corpus, tmp_path,
     work.mkdir()
     monkeypatch.chdir(work)
     corpus = os.path.relpath(phantom_corpus[0].parent, work)
+    serial = ["--preprocess-workers", "0"]  # the cache is built three times here: no worker start-ups
     cmd = ["-i", corpus, "-o", "run", "--cache", "cache", "--max-steps", "3", "--save-every", "1", "--num-workers",
-           "0", "--stop-after", "1", *TINY]  # fmt: skip
+           "0", "--stop-after", "1", *serial, *TINY]  # fmt: skip
     assert main(cmd) == 0
     data = json.loads((work / "run" / "config.json").read_text())["data"]
     assert data["inputs"] == [str(phantom_corpus[0].parent)] and data["cache"] == str(work / "cache")
@@ -176,14 +177,14 @@ def test_requeued_command_resumes_and_checks_its_cache(phantom_corpus, tmp_path,
         main([*cmd, "--resume", "--spacing", "2.0"])
     # another run rewrites the shared cache with other settings (nothing holds it now) ...
     assert main(["-i", corpus, "-o", "other", "--cache", "cache", "--spacing", "2.0", "--preprocess-only",
-                 "--no-progress"]) == 0  # fmt: skip
+                 "--no-progress", *serial]) == 0  # fmt: skip
     # ... and the requeued identical command refuses to train on it, in one line
     caplog.clear()
     assert main([*cmd, "--resume"]) == 2
     assert "no longer holds this run's data: settings_digest" in caplog.text and "Traceback" not in caplog.text
     assert read_metadata(work / "run" / "checkpoint_latest.safetensors").step == 1
     # restored with the run's settings, the identical command continues
-    assert main(["-i", corpus, "-o", "restore", "--cache", "cache", "--preprocess-only", "--no-progress"]) == 0
+    assert main(["-i", corpus, "-o", "restore", "--cache", "cache", "--preprocess-only", "--no-progress", *serial]) == 0
     assert main([*cmd, "--resume"]) == 0
     assert read_metadata(work / "run" / "checkpoint_latest.safetensors").step == 2
 

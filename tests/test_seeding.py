@@ -5,6 +5,7 @@ end with bit-identical weights, and without a seed nnU-Net's own (non-determinis
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -85,24 +86,31 @@ def test_env_seed(monkeypatch):
 
 
 # ---- end to end ------------------------------------------------------------------------------------------------
+#: Draws 4 training batches per probe, every probe of one test in one process (each process start imports
+#: torch and nnU-Net again): argv dataset, fold, then a JSON list of [tag, trainer, plans, {env}]; each probe
+#: runs with the process's environment plus its own variables (the seeds), as a fresh process would.
 PROBE = """
-import hashlib, sys, torch
+import hashlib, json, os, sys, torch
 from nnunetv2.run.run_training import get_trainer_from_args
-trainer = get_trainer_from_args(sys.argv[1], "3d_fullres", int(sys.argv[2]), sys.argv[3], sys.argv[4],
-                                device=torch.device("cpu"))
-trainer.initialize()
-train, val = trainer.get_dataloaders()
-digests = []
-for _ in range(4):
-    b = next(train)
-    h = hashlib.sha256(b["data"].numpy().tobytes())
-    for t in (b["target"] if isinstance(b["target"], list) else [b["target"]]):
-        h.update(t.numpy().tobytes())
-    digests.append(h.hexdigest()[:16])
-print("PROBE", type(train).__name__, *digests)
-for g in (train, val):
-    if hasattr(g, "_finish"):
-        g._finish()
+base = dict(os.environ)
+for tag, name, plans, extra in json.loads(sys.argv[3]):
+    os.environ.clear()
+    os.environ.update(base, **extra)
+    trainer = get_trainer_from_args(sys.argv[1], "3d_fullres", int(sys.argv[2]), name, plans,
+                                    device=torch.device("cpu"))
+    trainer.initialize()
+    train, val = trainer.get_dataloaders()
+    digests = []
+    for _ in range(4):
+        b = next(train)
+        h = hashlib.sha256(b["data"].numpy().tobytes())
+        for t in (b["target"] if isinstance(b["target"], list) else [b["target"]]):
+            h.update(t.numpy().tobytes())
+        digests.append(h.hexdigest()[:16])
+    print("PROBE", tag, type(train).__name__, *digests, flush=True)
+    for g in (train, val):
+        if hasattr(g, "_finish"):
+            g._finish()
 """
 
 
@@ -115,15 +123,10 @@ def _study_module():
 
 
 @pytest.fixture(scope="module")
-def quick_study(tmp_path_factory):
-    """The --quick study's data, pre-training and plans (the MiM and scratch arms)."""
+def quick_study(quick_study_stages):
+    """The --quick study's data, pre-training and plans (conftest.py, shared with the --quick study tests)."""
     mod = _study_module()
-    study = mod.Study(tmp_path_factory.mktemp("seeding_study"), mod.Settings(**mod.QUICK))
-    study.data()
-    study.pretrain()
-    study.plan()
-    study.dataset_id = mod.DATASET_ID
-    return mod, study
+    return mod, mod.Study(quick_study_stages, mod.Settings(**mod.QUICK))
 
 
 def _env(study, **extra) -> dict:
@@ -134,30 +137,37 @@ def _env(study, **extra) -> dict:
     return env
 
 
-def _probe(study, trainer: str, plans: str, env: dict) -> list[str]:
-    cmd = [sys.executable, "-c", PROBE, str(study.dataset_id), str(study.fold(1)), trainer, plans]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
+def _probes(study, probes: dict[str, tuple[str, str, dict]]) -> dict[str, list[str]]:
+    """{tag: (trainer, plans, seed variables)} -> {tag: [augmenter class, 4 batch digests]}, in one process whose
+    environment has no seed variable (``_env``)."""
+    spec = json.dumps([[tag, trainer, plans, extra] for tag, (trainer, plans, extra) in probes.items()])
+    cmd = [sys.executable, "-c", PROBE, str(study.dataset_id), str(study.fold(1)), spec]
+    out = subprocess.run(cmd, env=_env(study), capture_output=True, text=True, encoding="utf-8", errors="replace",
+                         timeout=900)  # fmt: skip
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-    line = next(x for x in out.stdout.splitlines() if x.startswith("PROBE "))
-    return line.split()[1:]
+    lines = [x.split()[1:] for x in out.stdout.splitlines() if x.startswith("PROBE ")]
+    assert [line[0] for line in lines] == list(probes), out.stdout[-2000:]
+    return {line[0]: line[1:] for line in lines}
 
 
 @pytest.mark.slow
 def test_two_arms_at_one_seed_draw_the_same_batches_and_unseeded_runs_keep_nnunets_augmenter(quick_study):
     mod, study = quick_study
     mim, scratch = mod.ARMS["MiM"], mod.ARMS["scratch"]
-    env = _env(study, MIM_NNUNET_STUDY_SEED="5")
-    a = _probe(study, mim.trainer, study.plans_name("MiM"), env)
-    b = _probe(study, scratch.trainer, study.plans_name("scratch"), env)
-    assert a[0] == "MultiThreadedAugmenter" and a == b  # same batches in the same order, both arms
-    c = _probe(study, scratch.trainer, study.plans_name("scratch"), _env(study, MIM_NNUNET_STUDY_SEED="6"))
-    assert c[1:] != a[1:] and len(set(a[1:])) == 4  # another seed, other batches; the batches differ
-    # plain nnUNetTrainerMiM: seeded with MIM_NNUNET_SEED, nnU-Net's own augmenter without it
-    plain = "nnUNetTrainerMiM"
-    d = _probe(study, plain, study.plans_name("MiM"), _env(study, MIM_NNUNET_SEED="5"))
-    assert d == a  # the same seed, the same batches as the study trainers
-    e = _probe(study, plain, study.plans_name("MiM"), _env(study))
-    assert e[0] == "NonDetMultiThreadedAugmenter"
+    plain = "nnUNetTrainerMiM"  # seeded with MIM_NNUNET_SEED, nnU-Net's own augmenter without it
+    seed = {"MIM_NNUNET_STUDY_SEED": "5"}
+    p = _probes(study, {
+        "a": (mim.trainer, study.plans_name("MiM"), seed),
+        "b": (scratch.trainer, study.plans_name("scratch"), seed),
+        "c": (scratch.trainer, study.plans_name("scratch"), {"MIM_NNUNET_STUDY_SEED": "6"}),
+        "d": (plain, study.plans_name("MiM"), {"MIM_NNUNET_SEED": "5"}),
+        "e": (plain, study.plans_name("MiM"), {}),
+    })  # fmt: skip
+    a = p["a"]
+    assert a[0] == "MultiThreadedAugmenter" and a == p["b"]  # same batches in the same order, both arms
+    assert p["c"][1:] != a[1:] and len(set(a[1:])) == 4  # another seed, other batches; the batches differ
+    assert p["d"] == a  # the same seed, the same batches as the study trainers
+    assert p["e"][0] == "NonDetMultiThreadedAugmenter"
 
 
 @pytest.mark.slow

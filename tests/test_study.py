@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -158,11 +159,13 @@ def test_arms_are_one_entry_each():
 
 
 @pytest.mark.slow
-def test_quick_study_end_to_end(tmp_path):
+def test_quick_study_end_to_end(tmp_path, quick_study_stages):
     """``--quick``: data, pre-training, planning, fine-tuning, prediction, scoring and the report, twice
-    (the second run finds every result and only re-builds the report)."""
+    (the second run finds every result and only re-builds the report). The first three stages ran once for the
+    session (conftest.py, the same Study methods main calls): main resumes from a copy of their folder."""
     study = _study_module()
     out = tmp_path / "study"
+    shutil.copytree(quick_study_stages, out)
     assert study.main(["--quick", "--out", str(out)]) == 0
     s = study.Settings(**study.QUICK)
     report = json.loads((out / "study.json").read_text())

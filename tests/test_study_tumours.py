@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -186,13 +187,20 @@ def test_tumour_study_defaults_and_case_names(tmp_path):
 
 
 @pytest.mark.slow
-def test_quick_tumour_study_end_to_end(tmp_path):
+def test_quick_tumour_study_end_to_end(tmp_path, quick_study_stages):
     """``--quick``: data, pre-training, planning, fine-tuning at two seeds, prediction, tumour and lesion scores
-    and the report; a second call finds every result and only re-builds the report."""
+    and the report; a second call finds every result and only re-builds the report. The corpus and the MiM
+    checkpoint are the organ study's ``--quick`` ones (conftest.py; the same settings, checked here), copied in as
+    the module docstring of study_tumours.py says to: pre-training is the organ study's code, run once."""
     mod = _module("study_tumours")
-    out = tmp_path / "tumours"
-    assert mod.main(["--quick", "--out", str(out)]) == 0
     s = mod.TumourSettings(**mod.QUICK)
+    organ = mod.organ.Settings(**mod.organ.QUICK)
+    shared = ("corpus", "shape_mm", "data_seed", "preset", "pretrain_steps", "pretrain_batch", "pretrain_lr")
+    assert {f: getattr(s, f) for f in shared} == {f: getattr(organ, f) for f in shared}
+    out = tmp_path / "tumours"
+    for folder in ("corpus", "pretrain"):
+        shutil.copytree(quick_study_stages / folder, out / folder)
+    assert mod.main(["--quick", "--out", str(out)]) == 0
     report = json.loads((out / "study.json").read_text())
     assert report["complete"] and len(report["runs"]) == len(s.arms) * len(s.ks) * len(s.seeds)
     for r in report["runs"]:
