@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from benchmark_helpers import load_benchmark
 
 
 @pytest.fixture(scope="session")
@@ -35,18 +36,6 @@ def phantom_dataset(tmp_path_factory):
     )
 
 
-def _load_benchmark(name: str):
-    """A module of benchmarks/ by its path (registered in sys.modules: dataclasses look their module up there)."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +45,7 @@ def quick_study_stages(tmp_path_factory):
     planning that the seeding tests and both ``--quick`` study tests would otherwise each redo. The seeding tests
     read the folder; the study tests copy it (the organ study all of it, the tumour study its corpus and
     pre-training) and resume from the copy, so nothing a test writes reaches another. Returns the folder."""
-    mod = _load_benchmark("study_label_efficiency")
+    mod = load_benchmark("study_label_efficiency")
     study = mod.Study(tmp_path_factory.mktemp("quick_study_stages"), mod.Settings(**mod.QUICK))
     study.data()
     study.pretrain()

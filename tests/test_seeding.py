@@ -4,7 +4,6 @@ end with bit-identical weights, and without a seed nnU-Net's own (non-determinis
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from benchmark_helpers import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -115,11 +115,7 @@ for tag, name, plans, extra in json.loads(sys.argv[3]):
 
 
 def _study_module():
-    spec = importlib.util.spec_from_file_location("study_label_efficiency", REPO / "benchmarks/study_label_efficiency.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("study_label_efficiency")
 
 
 @pytest.fixture(scope="module")

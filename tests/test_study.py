@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
+from benchmark_helpers import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _study_module():
-    spec = importlib.util.spec_from_file_location(
-        "study_label_efficiency", REPO / "benchmarks/study_label_efficiency.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("study_label_efficiency")
 
 
 @pytest.mark.parametrize(

@@ -3,23 +3,19 @@ the defaults, the report from run results, and ``--quick`` end to end."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import sys
 from pathlib import Path
 
 import pytest
+from benchmark_helpers import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("study_classify", REPO / "benchmarks" / "study_classify.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("study_classify")
 
 
 CLASSES = ["normal", "common_pneumonia", "covid19_pneumonia"]
