@@ -129,6 +129,9 @@ ARMS: dict[str, Arm] = {
 }  # fmt: skip
 #: the study's arms when ``--arms`` is not given (the diagnostic arms are opt-in)
 DEFAULT_ARMS = ("MiM", "MiM-EMA", "MAE", "scratch", "nnUNet")
+#: the checkpoint whose network (and MiM plans) an arm from random init takes when no pre-trained arm is selected:
+#: the default arms' first, so that ``--arms scratch`` alone fine-tunes with the same plans as the full study
+PLANS_SOURCE = "MiM"
 
 
 @dataclass
@@ -268,12 +271,15 @@ class Study:
         return self.out / "pretrain" / arm / "checkpoint_final.safetensors"
 
     def pretrained_arms(self) -> list[str]:
-        """Arms whose pre-training runs: those of the selected arms, and the sources the others fine-tune."""
+        """Arms whose pre-training runs: those of the selected arms, and the sources the others fine-tune; with
+        none of them, ``PLANS_SOURCE`` when an arm from random init needs MiM plans (``--arms scratch``)."""
         names: list[str] = []
         for a in self.s.arms:
             src = ARMS[a].source or (a if ARMS[a].pretrain_args is not None else None)
             if src is not None and src not in names:
                 names.append(src)
+        if not names and any(ARMS[a].plans == "mim" for a in self.s.arms):
+            names.append(PLANS_SOURCE)
         return names
 
     def pretrain_options(self, arm: str) -> tuple[str, ...]:
@@ -311,8 +317,6 @@ class Study:
         s = self.s
         folder = self.pre / self.dataset
         mim_arms = [a for a in s.arms if ARMS[a].plans == "mim"]
-        if mim_arms and not self.pretrained_arms():
-            raise ValueError(f"arms {mim_arms} need MiM plans, which need a pre-trained arm (e.g. MiM)")
         needed: dict[str, tuple[str, tuple[float, float] | None]] = {}  # plans name -> (checkpoint arm, window)
         for arm in mim_arms:
             needed.setdefault(self.plans_name(arm), (self.source(arm), ARMS[arm].window))
