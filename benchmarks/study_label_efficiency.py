@@ -129,6 +129,9 @@ ARMS: dict[str, Arm] = {
 }  # fmt: skip
 #: the study's arms when ``--arms`` is not given (the diagnostic arms are opt-in)
 DEFAULT_ARMS = ("MiM", "MiM-EMA", "MAE", "scratch", "nnUNet")
+#: the checkpoint whose network (and MiM plans) an arm from random init takes when no pre-trained arm is selected:
+#: the default arms' first, so that ``--arms scratch`` alone fine-tunes with the same plans as the full study
+PLANS_SOURCE = "MiM"
 
 
 @dataclass
@@ -268,12 +271,15 @@ class Study:
         return self.out / "pretrain" / arm / "checkpoint_final.safetensors"
 
     def pretrained_arms(self) -> list[str]:
-        """Arms whose pre-training runs: those of the selected arms, and the sources the others fine-tune."""
+        """Arms whose pre-training runs: those of the selected arms, and the sources the others fine-tune; with
+        none of them, ``PLANS_SOURCE`` when an arm from random init needs MiM plans (``--arms scratch``)."""
         names: list[str] = []
         for a in self.s.arms:
             src = ARMS[a].source or (a if ARMS[a].pretrain_args is not None else None)
             if src is not None and src not in names:
                 names.append(src)
+        if not names and any(ARMS[a].plans == "mim" for a in self.s.arms):
+            names.append(PLANS_SOURCE)
         return names
 
     def pretrain_options(self, arm: str) -> tuple[str, ...]:
@@ -311,8 +317,6 @@ class Study:
         s = self.s
         folder = self.pre / self.dataset
         mim_arms = [a for a in s.arms if ARMS[a].plans == "mim"]
-        if mim_arms and not self.pretrained_arms():
-            raise ValueError(f"arms {mim_arms} need MiM plans, which need a pre-trained arm (e.g. MiM)")
         needed: dict[str, tuple[str, tuple[float, float] | None]] = {}  # plans name -> (checkpoint arm, window)
         for arm in mim_arms:
             needed.setdefault(self.plans_name(arm), (self.source(arm), ARMS[arm].window))
@@ -597,9 +601,9 @@ def build_report(out: Path, s: Settings, report_dir: Path) -> dict:
     else:
         lines += ["", f"Complete: all {len(runs)} runs."]
     lines += ["", "![Dice against k, and the paired differences](study_dice_vs_k.png)"]
-    curves = [r for r in runs if r.get("snapshots")]
+    curves = learning_curves(runs)
     if curves:
-        lines += ["", _snapshot_table(curves), "", "![test Dice along each run](study_learning_curve.png)"]
+        lines += ["", snapshot_table(curves), "", "![test Dice along each run](study_learning_curve.png)"]
     lines += ["", REPORT_END]
     write_marked_block(
         report_dir / "study.md", "\n".join(lines), REPORT_BEGIN, REPORT_END, "Label-efficiency study"
@@ -629,7 +633,7 @@ def build_report(out: Path, s: Settings, report_dir: Path) -> dict:
     fig.savefig(report_dir / "study_dice_vs_k.png", dpi=120)
     plt.close(fig)
     if curves:
-        _plot_learning_curves(curves, report_dir / "study_learning_curve.png")
+        plot_learning_curves(curves, report_dir / "study_learning_curve.png")
     return report
 
 
@@ -639,32 +643,70 @@ def _plot_paired(ax, cells: list[dict], s: Settings) -> None:
     plot_paired(ax, groups, f"Dice - {BASELINE} (same seed)")
 
 
-def _snapshot_table(runs: list[dict]) -> str:
-    """Test Dice along each run (the snapshots and the final weights): where has a run converged?"""
-    its = sorted({p["iterations"] for r in runs for p in r["snapshots"]} | {r["iterations"] for r in runs})
-    rows = ["Test Dice along each run (the same run's weights after that many iterations; the schedule is the "
-            "run's full length):", "", "| run | " + " | ".join(map(str, its)) + " |", "|---|" + "---|" * len(its)]  # fmt: skip
+#: the scores along a run (``--snapshot-every``) in the organ study's report: key -> (label, path in a run
+#: result and in each of its snapshots); a study of another task passes its own (study_tumours.py)
+CURVE_SCORES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "dice": ("foreground Dice", ("foreground_mean", "Dice")),
+}
+
+
+def score_at(result: dict, path: tuple[str, ...]) -> float:
+    """The score at ``path`` (keys, outermost first) in a run result or a snapshot."""
+    for part in path:
+        result = result[part]
+    return float(result)
+
+
+def learning_curves(runs: list[dict], scores: dict = CURVE_SCORES) -> list[dict]:
+    """Each run with snapshots: the iterations of its snapshots and of its final weights, and each score there
+    (``scores``: key -> (label, path))."""
+    curves = []
     for r in runs:
-        at = {p["iterations"]: p["foreground_mean"]["Dice"] for p in r["snapshots"]}
-        at[r["iterations"]] = r["foreground_mean"]["Dice"]
-        rows.append(f"| {r['arm']} k={r['k']} seed {r['seed']} | "
-                    + " | ".join(f"{at[i]:.3f}" if i in at else "" for i in its) + " |")  # fmt: skip
+        if not r.get("snapshots"):
+            continue
+        points = sorted([*r["snapshots"], r], key=lambda p: p["iterations"])
+        curves.append({
+            "run": f"{r['arm']} k={r['k']} seed {r['seed']}", "arm": r["arm"], "k": r["k"], "seed": r["seed"],
+            "iterations": [p["iterations"] for p in points],
+            "scores": {key: [score_at(p, path) for p in points] for key, (_, path) in scores.items()},
+        })  # fmt: skip
+    return curves
+
+
+def snapshot_table(curves: list[dict], scores: dict = CURVE_SCORES, what: str = "Test Dice") -> str:
+    """``what`` along each run (the snapshots and the final weights; :func:`learning_curves`), one column per
+    iteration count and one row per run and score (the score's label in a column of its own when there are
+    several): where has a run converged?"""
+    its = sorted({i for c in curves for i in c["iterations"]})
+    several = len(scores) > 1
+    head = ["run", *(["score"] if several else []), *map(str, its)]
+    rows = [f"{what} along each run (the same run's weights after that many iterations; the schedule is the "
+            "run's full length):", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
+    for c in curves:
+        for key, (label, _) in scores.items():
+            at = dict(zip(c["iterations"], c["scores"][key]))
+            cells = [c["run"], *([label] if several else [])]
+            cells += [("-" if np.isnan(at[i]) else f"{at[i]:.3f}") if i in at else "" for i in its]
+            rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
-def _plot_learning_curves(runs: list[dict], path: Path) -> None:
+def plot_learning_curves(curves: list[dict], path: Path, scores: dict = CURVE_SCORES) -> None:
+    """One panel per score (each between 0 and 1) against the training iterations, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in runs:
-        pts = sorted([(p["iterations"], p["foreground_mean"]["Dice"]) for p in r["snapshots"]]
-                     + [(r["iterations"], r["foreground_mean"]["Dice"])])  # fmt: skip
-        ax.plot(*zip(*pts), marker="o", label=f"{r['arm']} k={r['k']} seed {r['seed']}")
-    ax.set_xlabel("training iterations")
-    ax.set_ylabel("foreground Dice (test cases)")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, len(scores), figsize=(6 * len(scores), 4), squeeze=False)
+    for ax, (key, (label, _)) in zip(axes[0], scores.items()):
+        for c in curves:
+            ax.plot(c["iterations"], c["scores"][key], marker="o", label=c["run"])
+        ax.set_xlabel("training iterations")
+        ax.set_ylabel(f"{label} (test cases)")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -19,7 +19,9 @@ The stages, the resume rules, the seeding and the trainers are those of ``study_
   lesion's Dice with its matched prediction, 0 when missed) and sensitivity;
 - **report**: ``docs/tumours_study/study.md`` (a marked block), ``study.json`` and ``study_dice_vs_k.png``:
   mean +- sd over seeds, the seed-paired difference to scratch (mean, paired-t 95 % CI, sd, seeds above 0) and
-  Welch's interval beside it, for tumour Dice, sensitivity and the lesion Dice of each size bin.
+  Welch's interval beside it, for tumour Dice, sensitivity and the lesion Dice of each size bin; with
+  ``--snapshot-every`` also the scores along each run (tumour Dice, sensitivity, FP per case, liver Dice at
+  each snapshot and at the end: a table, ``learning_curves`` in study.json and ``study_learning_curve.png``).
 
 Pre-training: this study pre-trains its own MiM and MAE checkpoints in its own work folder (the organ study's
 work folder held no MiM or MAE checkpoint when this was written). Its corpus and pre-training settings are the
@@ -84,6 +86,9 @@ METRICS = {
 }
 #: the scores compared with scratch (paired and Welch) in the main table
 COMPARED = ("tumour_dice", "sensitivity")
+#: the scores along a run (``--snapshot-every``): in the learning-curve table, and those plotted
+CURVE_TABLE = {m: METRICS[m] for m in ("tumour_dice", "sensitivity", "fp_per_case", "liver_dice")}
+CURVE_PLOT = {m: METRICS[m] for m in ("tumour_dice", "sensitivity")}
 
 
 @dataclass
@@ -181,12 +186,6 @@ class TumourStudy(organ.Study):
 
 
 # --- report -----------------------------------------------------------------------------------------------
-def _get(run: dict, path: tuple[str, ...]) -> float:
-    for part in path:
-        run = run[part]
-    return float(run)
-
-
 def _summary(by_seed: dict[int, float]) -> dict:
     m, sd = mean_sd(list(by_seed.values()))
     return {"mean": m, "sd": sd, "per_seed": by_seed}
@@ -207,7 +206,7 @@ def _cells(runs: list[dict], s: TumourSettings) -> list[dict]:
                 "iterations": rs[0]["iterations"], "patch_size": rs[0]["patch_size"],
                 "train_seconds_mean": mean_sd([r["train_seconds"] or np.nan for r in rs])[0],
                 "predict_seconds_mean": mean_sd([r["predict_seconds"] for r in rs])[0],
-                "metrics": {m: _summary({r["seed"]: _get(r, path) for r in rs})
+                "metrics": {m: _summary({r["seed"]: organ.score_at(r, path) for r in rs})
                             for m, (_, path) in METRICS.items()},
                 "size_bins": {b: {
                     "n_lesions": rs[0]["size_bins"][b]["n"],
@@ -295,9 +294,11 @@ def _test_set_line(runs: list[dict]) -> str:
 
 
 def build_report(out: Path, s: TumourSettings, report_dir: Path) -> dict:
-    """study.json, study.md (the marked block) and study_dice_vs_k.png from the run results under ``out``."""
+    """study.json, study.md (the marked block) and study_dice_vs_k.png from the run results under ``out``;
+    with snapshots in a run, the learning-curve table and study_learning_curve.png too."""
     runs, missing, excluded = organ.collect_runs(out, s)
     cells = _cells(runs, s)
+    curves = organ.learning_curves(runs, CURVE_TABLE)
     timings_file = out / "timings.json"
     report = {
         "settings": asdict(s),
@@ -311,6 +312,7 @@ def build_report(out: Path, s: TumourSettings, report_dir: Path) -> dict:
         },  # fmt: skip
         "size_bins_mm": list(LESION_SIZE_BINS_MM),
         "cells": cells,
+        "learning_curves": curves,
         "runs": runs,
         "missing_runs": missing,
         "excluded_runs": excluded,
@@ -360,11 +362,15 @@ def build_report(out: Path, s: TumourSettings, report_dir: Path) -> dict:
                   + ", ".join(missing) + "."]  # fmt: skip
     else:
         lines += ["", f"Complete: all {len(runs)} runs."]
-    lines += ["", "![tumour Dice against k, lesion Dice per size, paired differences](study_dice_vs_k.png)",
-              "",
-              REPORT_END]  # fmt: skip
+    lines += ["", "![tumour Dice against k, lesion Dice per size, paired differences](study_dice_vs_k.png)"]
+    if curves:
+        lines += ["", organ.snapshot_table(curves, CURVE_TABLE, "Test scores"), "",
+                  "![tumour Dice and sensitivity along each run](study_learning_curve.png)"]  # fmt: skip
+    lines += ["", REPORT_END]
     write_marked_block(report_dir / "study.md", "\n".join(lines), REPORT_BEGIN, REPORT_END, "Tumour study")
     _plot(cells, s, report_dir / "study_dice_vs_k.png", len(missing))
+    if curves:
+        organ.plot_learning_curves(curves, report_dir / "study_learning_curve.png", CURVE_PLOT)
     return report
 
 

@@ -149,6 +149,12 @@ def test_arms_are_one_entry_each():
     assert s.plans_name("MAE") == f"{study.MIM_PLANS}_MAE_win-175_250" and s.source("MAE") == "MAE"
     assert s.plans_name("MiM-hu1000") == s.plans_name("scratch-hu1000") == f"{study.MIM_PLANS}_MiM"
     assert s.plans_name("nnUNet") == study.STOCK_PLANS
+    # random init alone still needs a checkpoint's network: the default arms' first, so the same plans
+    s.s = study.Settings(arms=("scratch",))
+    assert s.pretrained_arms() == [study.PLANS_SOURCE] == ["MiM"]
+    assert s.plans_name("scratch") == f"{study.MIM_PLANS}_MiM_win-175_250"
+    s.s = study.Settings(arms=("nnUNet",))
+    assert s.pretrained_arms() == []  # stock nnU-Net plans by itself
 
 
 @pytest.mark.slow

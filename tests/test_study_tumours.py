@@ -159,6 +159,51 @@ def test_tumour_report_from_partial_results(tmp_path):
     assert "| MAE | 4 | (missing) |" in md
     assert json.loads((tmp_path / "docs" / "study.json").read_text())["missing_runs"] == report["missing_runs"]
     assert (tmp_path / "docs" / "study_dice_vs_k.png").read_bytes()[:4] == b"\x89PNG"
+    assert "study_learning_curve" not in md and not (tmp_path / "docs" / "study_learning_curve.png").exists()
+    assert report["learning_curves"] == []
+
+
+def test_tumour_learning_curve_report_from_snapshots(tmp_path):
+    """The length probe's command: its run is apart from the study's 200-iteration ones (run name, settings
+    file, report folder) and plans like them; its snapshots become a table (tumour Dice, sensitivity, FP per
+    case, liver Dice at each snapshot and at the end), study.json's learning_curves and a PNG."""
+    mod = _module("study_tumours")
+    probe = ["--arms", "scratch", "--ks", "16", "--seeds", "0", "--epochs", "40", "--iters", "25",
+             "--snapshot-every", "250", "--report-dir", "docs/tumours_study/probe_it1000"]  # fmt: skip
+    a, s = mod.organ.parse_args(probe, mod.TumourStudy)
+    assert a.out == REPO / "work_dirs" / "study_tumours" and a.report_dir.name == "probe_it1000"
+    assert a.report_dir != REPO / "docs" / "tumours_study"
+    assert (s.snapshot_every, s.test, s.val, s.epochs * s.iters) == (250, 20, 2, 1000)
+    design = mod.TumourStudy(tmp_path / "design", mod.TumourSettings())
+    study = mod.TumourStudy(tmp_path, s)
+    assert study.run_id("scratch", 16, 0) == "scratch_k16_s0_it1000" != design.run_id("scratch", 16, 0)
+    assert study.pretrained_arms() == ["MiM"] and study.plans_name("scratch") == design.plans_name("scratch")
+    s.arms = ("MiM", "scratch")  # a run without snapshots has no curve
+    (tmp_path / "runs").mkdir()
+    mim = _fake_run(mod, "MiM", 16, 0, 0.6, 0.3) | {"iterations": 1000}
+    (tmp_path / "runs" / "MiM_k16_s0_it1000.json").write_text(json.dumps(mim))
+    run = _fake_run(mod, "scratch", 16, 0, 0.52, 0.1) | {"iterations": 1000}
+    kept = ("foreground_mean", "per_organ", "tumour", "size_bins", "reference_lesions", "case_tumour_dice")
+    run["snapshots"] = []
+    for it, dice, fp in ((250, 0.2, 9.0), (500, 0.4, 4.0), (750, 0.5, 2.5)):
+        snap = _fake_run(mod, "scratch", 16, 0, dice, 0.1)
+        snap["tumour"]["fp_per_case"], snap["per_organ"]["liver"]["Dice"] = fp, 0.8
+        run["snapshots"].append({"iterations": it, **{key: snap[key] for key in kept}})
+    (tmp_path / "runs" / "scratch_k16_s0_it1000.json").write_text(json.dumps(run))
+    report = mod.build_report(tmp_path, s, tmp_path / "docs")
+    md = (tmp_path / "docs" / "study.md").read_text()
+    assert "| run | score | 250 | 500 | 750 | 1000 |" in md
+    assert "| scratch k=16 seed 0 | tumour Dice | 0.200 | 0.400 | 0.500 | 0.520 |" in md
+    assert "| scratch k=16 seed 0 | lesion sensitivity | 0.100 | 0.200 | 0.250 | 0.260 |" in md
+    assert "| scratch k=16 seed 0 | FP / case | 9.000 | 4.000 | 2.500 | 1.500 |" in md
+    assert "| scratch k=16 seed 0 | liver Dice | 0.800 | 0.800 | 0.800 | 0.900 |" in md
+    assert "| MiM k=16 seed 0 |" not in md and "](study_learning_curve.png)" in md
+    curves = json.loads((tmp_path / "docs" / "study.json").read_text())["learning_curves"]
+    assert curves == report["learning_curves"] and len(curves) == 1
+    assert curves[0]["iterations"] == [250, 500, 750, 1000]
+    assert set(curves[0]["scores"]) == set(mod.CURVE_TABLE)
+    assert curves[0]["scores"]["tumour_dice"] == pytest.approx([0.2, 0.4, 0.5, 0.52])
+    assert (tmp_path / "docs" / "study_learning_curve.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_tumour_study_defaults_and_case_names(tmp_path):
