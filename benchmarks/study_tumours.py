@@ -8,7 +8,8 @@ The stages, the resume rules, the seeding and the trainers are those of ``study_
   (``phantoms.TASKS["liver-tumour"]``: liver 1, tumour 2, a quarter of each split's cases without a lesion,
   docs/tumours.md): ``max(k)`` + ``--val`` training cases and ``--test`` (20) held-out test cases;
 - **arms**: MiM, MAE (``--levels 1``) and scratch (``ARMS`` of the organ study: the same network, recipe and
-  fine-tuning window -175..250 HU), k in {4, 16}, seeds 0 1 2, 200 iterations each;
+  fine-tuning window -175..250 HU), k in {4, 16}, seeds 0 1 2, 500 iterations each (the length probe's
+  choice, docs/tumours.md);
 - **scores** per run (the project's own scoring, ``mim_nnunet.submission.evaluate`` with a ``LesionSpec``,
   as ``mim_nnunet_submit evaluate --lesions 2``): tumour Dice (label 2, per case, nnU-Net's empty-mask
   convention: a case without tumour in reference and prediction is left out, a false tumour in a lesion-free
@@ -23,21 +24,21 @@ The stages, the resume rules, the seeding and the trainers are those of ``study_
   ``--snapshot-every`` also the scores along each run (tumour Dice, sensitivity, FP per case, liver Dice at
   each snapshot and at the end: a table, ``learning_curves`` in study.json and ``study_learning_curve.png``).
 
-Pre-training: this study pre-trains its own MiM and MAE checkpoints in its own work folder (the organ study's
-work folder held no MiM or MAE checkpoint when this was written). Its corpus and pre-training settings are the
-organ study's, so the organ study's ``pretrain/MiM`` and ``pretrain/MAE`` folders, copied into
-``work_dirs/study_tumours/pretrain/`` before the first run, are used instead (a finished checkpoint is never
-re-trained).
+Pre-training: this study pre-trains its own MiM and MAE checkpoints in its own work folder. Its corpus and
+pre-training settings are the organ study's, so the organ study's ``pretrain/MiM`` (and ``pretrain/MAE`` when it
+has one) and ``corpus`` folders, copied into ``work_dirs/study_tumours/`` before the first run, are used instead
+(a finished checkpoint is never re-trained).
 
-Budget (estimated from the organ study's measurements on the same 2-core CPU, docs/study.md, "Budget"; not
-measured for this study yet): data ~90 s (the corpus 45 s, 38 cases with lesions ~45 s); pre-training ~600 s
-(MiM 466 s with the cache's preprocessing, MAE 121 s); planning ~60 s; per run ~6.2 min (200 iterations
-155-218 s; prediction of the 20 test cases ~135-200 s, twice the organ study's 73-107 s for 10 less one
-process start-up; start-ups and scoring ~20 s), 18 runs ~112 min: **about 2 h 5 min** from a clean work
-folder (1 h 50 min to 2 h 20 min over the measured spread), about 1 h 55 min with the organ study's
-checkpoints copied in.
+Length: 500 iterations (20 epochs of 25). The length probe (one scratch run at k = 16 for 1000 iterations,
+scored every 250, docs/tumours.md) found no tumour after 250 iterations (tumour Dice 0.004, sensitivity 0) and
+0.26-0.39 Dice from 500 on: at the organ study's 200, a run would still be deciding whether it finds tumours at
+all. Budget, measured in the probe alone on the 2-core CPU (AMD EPYC, AVX2): an epoch of 25 iterations
+14.5-18.5 s, prediction of the 20 test cases 140-160 s; so a 500-iteration run ~8.5 min with start-ups and
+scoring, 18 runs **about 2.5 h**, plus MAE pre-training (~2 min) with the MiM checkpoint and the corpus copied
+in: over the 2 hours aimed at, because shorter runs would not find the tumours. 1000 iterations (~14 min a
+run, ~4.3 h) does not fit.
 
-    python benchmarks/study_tumours.py                     # the full study (~2 h on the 2-core CPU)
+    python benchmarks/study_tumours.py                     # the full study (~2.5 h on the 2-core CPU)
     python benchmarks/study_tumours.py --quick --out /tmp/tumour_quick
 """
 
@@ -94,6 +95,7 @@ CURVE_PLOT = {m: METRICS[m] for m in ("tumour_dice", "sensitivity")}
 @dataclass
 class TumourSettings(organ.Settings):
     ks: tuple[int, ...] = (4, 16)
+    epochs: int = 20  # x iters (25) = 500 iterations: the length probe's choice (module docstring)
     test: int = 20
     arms: tuple[str, ...] = ("MiM", "MAE", "scratch")
 
