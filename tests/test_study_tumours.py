@@ -109,7 +109,7 @@ def _fake_run(mod, arm: str, k: int, seed: int, dice: float, small_dice: float) 
             ">= 20 mm": {"n": 0, "detected": 0, "sensitivity": math.nan, "dice": math.nan}}  # fmt: skip
     return {
         "arm": arm, "k": k, "seed": seed, "trainer": "T", "plans": "P", "seeding": "every-batch-v1",
-        "iterations": 200, "train_seconds": 180.0, "predict_seconds": 150.0, "n_test": 20, "tolerance_mm": 2.0,
+        "iterations": 500, "train_seconds": 180.0, "predict_seconds": 150.0, "n_test": 20, "tolerance_mm": 2.0,
         "foreground_mean": {"Dice": 0.5, "NSD": 0.5},
         "per_organ": {"liver": {"Dice": 0.9, "NSD": 0.8}, "cancer": {"Dice": dice, "NSD": dice}},
         "tumour": {"dice": dice, "nsd": dice, "sensitivity": dice / 2, "sensitivity_case_mean": dice / 2,
@@ -131,7 +131,7 @@ def test_tumour_report_from_partial_results(tmp_path):
     for seed in s.seeds:
         for arm, dice, small in (("MiM", mim[seed], 0.3), ("scratch", scratch[seed], 0.1 * seed)):
             run = _fake_run(mod, arm, 4, seed, dice, small)
-            (tmp_path / "runs" / f"{arm}_k4_s{seed}_it200.json").write_text(json.dumps(run))
+            (tmp_path / "runs" / f"{arm}_k4_s{seed}_it{s.epochs * s.iters}.json").write_text(json.dumps(run))
     report = mod.build_report(tmp_path, s, tmp_path / "docs")
     cell = next(c for c in report["cells"] if c["arm"] == "MiM")
     assert cell["metrics"]["tumour_dice"]["mean"] == pytest.approx(0.6)
@@ -164,7 +164,7 @@ def test_tumour_report_from_partial_results(tmp_path):
 
 
 def test_tumour_learning_curve_report_from_snapshots(tmp_path):
-    """The length probe's command: its run is apart from the study's 200-iteration ones (run name, settings
+    """The length probe's command: its run is apart from the study's 500-iteration ones (run name, settings
     file, report folder) and plans like them; its snapshots become a table (tumour Dice, sensitivity, FP per
     case, liver Dice at each snapshot and at the end), study.json's learning_curves and a PNG."""
     mod = _module("study_tumours")
@@ -212,7 +212,7 @@ def test_tumour_study_defaults_and_case_names(tmp_path):
     mod = _module("study_tumours")
     a, s = mod.organ.parse_args([], mod.TumourStudy)
     assert s.ks == (4, 16) and s.seeds == (0, 1, 2) and s.arms == ("MiM", "MAE", "scratch") and s.test >= 20
-    assert s.epochs * s.iters == 200 and (s.corpus, s.data_seed, s.shape_mm) == (100, 0, None)  # organ corpus
+    assert s.epochs * s.iters == 500 and (s.corpus, s.data_seed, s.shape_mm) == (100, 0, None)  # organ corpus
     assert a.out == REPO / "work_dirs" / "study_tumours" and a.report_dir == REPO / "docs" / "tumours_study"
     q, qs = mod.organ.parse_args(["--quick"], mod.TumourStudy)
     assert q.out == REPO / "work_dirs" / "study_tumours_quick" and q.report_dir == q.out and len(qs.seeds) == 2
