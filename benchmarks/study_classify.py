@@ -99,11 +99,11 @@ from machine import cpu_model  # noqa: E402
 from study_stats import (  # noqa: E402
     COMPARISON_NOTE,
     compare,
+    comparison_cells,
     format_mean_sd,
-    format_paired,
-    format_welch,
     mean_sd,
     plot_paired,
+    summary,
     write_marked_block,
 )
 
@@ -380,11 +380,6 @@ def _score(run: dict, key: str) -> float:
     return math.nan if value is None else float(value)
 
 
-def _summary(by_seed: dict[int, float]) -> dict:
-    m, sd = mean_sd(list(by_seed.values()))
-    return {"mean": m, "sd": sd, "per_seed": by_seed}
-
-
 def cells(runs: list[dict], s: ClassifySettings) -> list[dict]:
     """Per arm and k: each score's mean +- sd over seeds, then the comparisons with scratch."""
     out = []
@@ -399,7 +394,7 @@ def cells(runs: list[dict], s: ClassifySettings) -> list[dict]:
                 "epochs": rs[0]["epochs"], "steps": rs[0]["steps"],
                 "train_seconds_mean": mean_sd([r["train_seconds"] or np.nan for r in rs])[0],
                 "predict_seconds_mean": mean_sd([r["predict_seconds"] for r in rs])[0],
-                "metrics": {m: _summary({r["seed"]: _score(r, m) for r in rs}) for m in METRICS_SHOWN},
+                "metrics": {m: summary({r["seed"]: _score(r, m) for r in rs}) for m in METRICS_SHOWN},
             })  # fmt: skip
     for c in out:
         base = next((b for b in out if b["arm"] == BASELINE and b["k"] == c["k"]), None)
@@ -427,14 +422,6 @@ def budget(timings: dict, runs: list[dict]) -> dict:
             "cpu": cpu_model()}  # fmt: skip
 
 
-def _comparison_cells(c: dict, comparison: dict | None) -> list[str]:
-    if c["arm"] == BASELINE:
-        return ["(baseline)", "(baseline)"]
-    if not comparison:
-        return ["", ""]
-    return [format_paired(comparison["paired"]), format_welch(comparison["welch"])]
-
-
 def _table(cs: list[dict]) -> list[str]:
     comp = []
     for m in COMPARED:
@@ -451,7 +438,7 @@ def _table(cs: list[dict]) -> list[str]:
         row = [c["arm"], str(c["k"]), str(c["n_seeds"])]
         row += [format_mean_sd(c["metrics"][m]["mean"], c["metrics"][m]["sd"]) for m in METRICS_SHOWN]
         for m in COMPARED:
-            row += _comparison_cells(c, c.get("vs_baseline", {}).get(m))
+            row += comparison_cells(c["arm"] == BASELINE, c.get("vs_baseline", {}).get(m))
         train = "-" if math.isnan(c["train_seconds_mean"]) else f"{c['train_seconds_mean']:.0f}"
         row += [f"{c['epochs']} ({c['steps']})", train, f"{c['predict_seconds_mean']:.0f}"]
         lines.append("| " + " | ".join(row) + " |")

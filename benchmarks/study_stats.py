@@ -86,6 +86,12 @@ def compare(a: Mapping[int, float], b: Mapping[int, float]) -> dict:
     return {"paired": paired(a, b), "welch": welch(list(a.values()), list(b.values()))}
 
 
+def summary(by_seed: Mapping[int, float]) -> dict:
+    """One score over the seeds: ``{"mean", "sd", "per_seed"}`` (the per-seed values that ``compare`` pairs)."""
+    m, sd = mean_sd(list(by_seed.values()))
+    return {"mean": m, "sd": sd, "per_seed": dict(by_seed)}
+
+
 # --- table cells -----------------------------------------------------------------------------------------
 def format_mean_sd(mean: float, sd: float, digits: int = 3) -> str:
     """``0.600 +- 0.141``; ``-`` for a score no run defined (NaN)."""
@@ -102,6 +108,15 @@ def format_paired(p: dict | None) -> str:
     ci = f" [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}]" if p["ci95"] else ""
     sd = f", sd {p['sd']:.3f}" if p["sd"] is not None else ""
     return f"{p['mean']:+.3f}{ci}{sd}, {p['n_above']}/{p['n']} above"
+
+
+def comparison_cells(is_baseline: bool, comparison: dict | None) -> list[str]:
+    """The paired and the Welch cell of one comparison (a ``compare`` result) with the baseline arm."""
+    if is_baseline:
+        return ["(baseline)", "(baseline)"]
+    if not comparison:
+        return ["", ""]
+    return [format_paired(comparison["paired"]), format_welch(comparison["welch"])]
 
 
 def format_welch(w: dict | None) -> str:

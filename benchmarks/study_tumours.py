@@ -58,11 +58,11 @@ import study_label_efficiency as organ  # noqa: E402
 from study_stats import (  # noqa: E402
     COMPARISON_NOTE,
     compare,
+    comparison_cells,
     format_mean_sd,
-    format_paired,
-    format_welch,
     mean_sd,
     plot_paired,
+    summary,
     write_marked_block,
 )
 
@@ -188,11 +188,6 @@ class TumourStudy(organ.Study):
 
 
 # --- report -----------------------------------------------------------------------------------------------
-def _summary(by_seed: dict[int, float]) -> dict:
-    m, sd = mean_sd(list(by_seed.values()))
-    return {"mean": m, "sd": sd, "per_seed": by_seed}
-
-
 def _cells(runs: list[dict], s: TumourSettings) -> list[dict]:
     """Per arm and k: each score's mean +- sd over seeds, also per size bin; then the comparisons with
     scratch."""
@@ -208,12 +203,12 @@ def _cells(runs: list[dict], s: TumourSettings) -> list[dict]:
                 "iterations": rs[0]["iterations"], "patch_size": rs[0]["patch_size"],
                 "train_seconds_mean": mean_sd([r["train_seconds"] or np.nan for r in rs])[0],
                 "predict_seconds_mean": mean_sd([r["predict_seconds"] for r in rs])[0],
-                "metrics": {m: _summary({r["seed"]: organ.score_at(r, path) for r in rs})
+                "metrics": {m: summary({r["seed"]: organ.score_at(r, path) for r in rs})
                             for m, (_, path) in METRICS.items()},
                 "size_bins": {b: {
                     "n_lesions": rs[0]["size_bins"][b]["n"],
-                    "dice": _summary({r["seed"]: r["size_bins"][b]["dice"] for r in rs}),
-                    "sensitivity": _summary({r["seed"]: r["size_bins"][b]["sensitivity"] for r in rs}),
+                    "dice": summary({r["seed"]: r["size_bins"][b]["dice"] for r in rs}),
+                    "sensitivity": summary({r["seed"]: r["size_bins"][b]["sensitivity"] for r in rs}),
                 } for b in SIZE_BINS},
             })  # fmt: skip
     for c in cells:
@@ -228,15 +223,6 @@ def _cells(runs: list[dict], s: TumourSettings) -> list[dict]:
                 c["size_bins"][b]["dice"]["per_seed"], base["size_bins"][b]["dice"]["per_seed"]
             )
     return cells
-
-
-def _comparison_cells(c: dict, comparison: dict | None) -> list[str]:
-    """The paired and the Welch cell of one comparison with scratch."""
-    if c["arm"] == BASELINE:
-        return ["(baseline)", "(baseline)"]
-    if not comparison:
-        return ["", ""]
-    return [format_paired(comparison["paired"]), format_welch(comparison["welch"])]
 
 
 def _main_table(cells: list[dict]) -> list[str]:
@@ -259,7 +245,7 @@ def _main_table(cells: list[dict]) -> list[str]:
         row = [c["arm"], str(c["k"]), str(c["n_seeds"])]
         row += [format_mean_sd(c["metrics"][m]["mean"], c["metrics"][m]["sd"]) for m in METRICS]
         for m in COMPARED:
-            row += _comparison_cells(c, c.get("vs_baseline", {}).get(m))
+            row += comparison_cells(c["arm"] == BASELINE, c.get("vs_baseline", {}).get(m))
         row += [str(c["iterations"]), f"{c['train_seconds_mean']:.0f}"]
         lines.append("| " + " | ".join(row) + " |")
     return lines
@@ -279,7 +265,7 @@ def _size_bin_table(cells: list[dict]) -> list[str]:
             row = [c["arm"], str(c["k"]), b, str(cb["n_lesions"]),
                    format_mean_sd(cb["dice"]["mean"], cb["dice"]["sd"]),
                    format_mean_sd(cb["sensitivity"]["mean"], cb["sensitivity"]["sd"]),
-                   *_comparison_cells(c, cb.get("vs_baseline"))]  # fmt: skip
+                   *comparison_cells(c["arm"] == BASELINE, cb.get("vs_baseline"))]  # fmt: skip
             lines.append("| " + " | ".join(row) + " |")
     return lines
 
